@@ -1,0 +1,1 @@
+"""The generation engine: FLUX.1-dev (diffusers) + the PuLID ID encoder and cross-attention."""

@@ -1,0 +1,1 @@
+"""Request queues: an interface and its backends."""

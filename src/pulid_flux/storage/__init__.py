@@ -1,0 +1,1 @@
+"""File storage for uploads and generated images: an interface and its backends."""

@@ -1,0 +1,143 @@
+"""Engine benchmarks (scripts, not tests). Prints tables; numbers go into the README with the machine.
+
+  overhead   seconds per transformer call: PuLID (ID active) / plain diffusers FLUX, at full width
+             3072 with 2 double + 4 single blocks and 256x256 (target <= 1.05). Runs on CPU or GPU.
+  full       full-size FLUX.1-dev + PuLID with random weights, 1024x768, 20 steps: s/image and peak
+             VRAM per memory mode (targets on an H100: <= 2.2 s bf16, <= 1.5 s fp8). Needs a CUDA GPU.
+
+  python benchmarks/bench_engine.py overhead [--repeats 3]
+  python benchmarks/bench_engine.py full [--modes bf16,fp8,offload,fp8+offload] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+from diffusers import FluxTransformer2DModel
+
+from pulid_flux.engine.injection import IDInjector
+from pulid_flux.engine.pulid import IDFormer, PuLIDModules
+from pulid_flux.engine.sampling import image_ids, latent_size
+
+FULL_WIDTH_CONFIG = dict(
+    patch_size=1, in_channels=64, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+    pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def transformer_inputs(width: int, height: int, txt_len: int, device, dtype, batch: int = 1) -> dict:
+    lh, lw = latent_size(height, width)
+    tokens = (lh // 2) * (lw // 2)
+    return dict(
+        hidden_states=torch.randn(batch, tokens, 64, device=device, dtype=dtype),
+        encoder_hidden_states=torch.randn(batch, txt_len, 4096, device=device, dtype=dtype),
+        pooled_projections=torch.randn(batch, 768, device=device, dtype=dtype),
+        timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
+        guidance=torch.full((batch,), 4.0, device=device, dtype=dtype),
+        img_ids=image_ids(lh, lw, device=device, dtype=dtype),
+        txt_ids=torch.zeros(txt_len, 3, device=device, dtype=dtype),
+        return_dict=False,
+    )
+
+
+def seconds_per_call(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def overhead(args) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(num_layers=2, num_single_layers=4, **FULL_WIDTH_CONFIG).to(device, dtype)
+    pulid = PuLIDModules.for_transformer(transformer, IDFormer()).to(device, dtype)
+    inputs = transformer_inputs(256, 256, 128, device, dtype)
+    id_tokens = torch.randn(1, 32, 2048, device=device, dtype=dtype)
+
+    plain = seconds_per_call(lambda: transformer(**inputs), args.repeats)
+    injector = IDInjector(transformer, pulid.pulid_ca)
+    inert = seconds_per_call(lambda: transformer(**inputs), args.repeats)
+
+    def with_id():
+        with injector.inject(id_tokens, 1.0):
+            transformer(**inputs)
+
+    active = seconds_per_call(with_id, args.repeats)
+    print(f"\nPuLID overhead per denoising step on {machine()} ({dtype}), median of {args.repeats}")
+    print("width 3072, 2 double + 4 single blocks, 256x256 (256 image + 128 text tokens), 2 PuLID CAs\n")
+    print(f"| transformer call | s/step | ratio to plain |\n|---|---|---|")
+    for name, s in [("plain diffusers FLUX", plain), ("PuLID hooks, no ID", inert), ("PuLID, ID active", active)]:
+        print(f"| {name} | {s:.3f} | {s / plain:.3f} |")
+
+
+@torch.inference_mode()
+def full(args) -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("the full-size benchmark needs a CUDA GPU")
+    from PIL import Image
+
+    from pulid_flux.engine.pipeline import PuLIDFluxPipeline
+    from pulid_flux.engine.types import GenerationRequest
+
+    rows = []
+    for mode in args.modes.split(","):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        pipe = PuLIDFluxPipeline.from_preset(
+            "flux-dev-random", fp8="fp8" in mode, offload="offload" in mode, compile=args.compile
+        )
+        reference = Image.fromarray(__import__("skimage.data", fromlist=["astronaut"]).astronaut())
+        request = GenerationRequest(prompt="portrait, color, cinematic", reference_images=[reference],
+                                    width=1024, height=768, num_inference_steps=20, seed=0,
+                                    enable_safety_checker=False)
+        pipe(request)  # warm-up (and compilation)
+        seconds = seconds_per_call(lambda: pipe(request), args.repeats)
+        rows.append((mode, seconds, torch.cuda.max_memory_allocated() / 2**30))
+        del pipe
+    print(f"\nFull-size random-weight FLUX.1-dev + PuLID on {machine()}, 1024x768, 20 steps"
+          f"{' , torch.compile' if args.compile else ''}\n")
+    print("| mode | s/image | peak VRAM (GiB) |\n|---|---|---|")
+    for mode, seconds, peak in rows:
+        print(f"| {mode} | {seconds:.2f} | {peak:.1f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("overhead")
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(run=overhead)
+    p = sub.add_parser("full")
+    p.add_argument("--modes", default="bf16,fp8,offload,fp8+offload")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(run=full)
+    args = parser.parse_args()
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""PuLID-FLUX text-to-image: FLUX.1-dev (diffusers) with the PuLID ID encoder and cross-attention.
+
+``PuLIDFluxPipeline.__call__`` reads top to bottom as the official algorithm: identity embedding
+from the reference face(s), text encoding, noise, schedule, the denoising loop with step-gated ID
+injection and true CFG, VAE decoding, the safety check.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from diffusers import FluxPipeline
+from PIL import Image
+
+from .images import normalize_image
+from .injection import IDInjector
+from .pulid import PuLIDModules
+from .sampling import TextConditioning, denoise, get_noise, get_schedule, image_ids, pack, unpack
+from .types import GenerationRequest, GenerationResult
+
+log = logging.getLogger(__name__)
+
+# Seeds we draw ourselves stay below 2**53 so JavaScript clients read them back exactly.
+RANDOM_SEED_BOUND = 2**53
+# The official loop starts the negative pass of true CFG at this step index (not exposed by fal).
+TIMESTEP_TO_START_CFG = 1
+
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass
+class PipelineOptions:
+    """How a preset is loaded and run; every field is a CLI/server option."""
+
+    device: Optional[str] = None  # None: cuda if available, else cpu
+    dtype: Optional[torch.dtype] = None  # None: bfloat16 on CUDA, float32 on CPU
+    weights_dir: Optional[str] = None  # flux-dev only; see engine/download.py
+    offload: bool = False  # keep FLUX components in CPU RAM, move each to the GPU only while it runs
+    fp8: bool = False  # fp8 transformer weights (torchao), CUDA only
+    compile: bool = False  # torch.compile the transformer's repeated blocks
+    seed: int = 0  # tiny preset only: the random weights' seed
+
+    def resolved_device(self) -> torch.device:
+        if self.device:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def resolved_dtype(self) -> torch.dtype:
+        if self.dtype is not None:
+            return self.dtype
+        return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
+
+
+class PuLIDFluxPipeline:
+    def __init__(
+        self,
+        *,
+        flux: FluxPipeline,
+        pulid: PuLIDModules,
+        face_encoder,
+        safety_checker=None,
+        model_name: str,
+        is_random_weights: bool,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        self.flux = flux
+        self.transformer = flux.transformer
+        self.pulid = pulid
+        self.face_encoder = face_encoder
+        self.safety_checker = safety_checker
+        self.model_name = model_name
+        self.is_random_weights = is_random_weights
+        self.device = device
+        self.dtype = dtype
+        # Hooks stay inert unless an ID is active, so the transformer is still plain FLUX elsewhere.
+        self.injector = IDInjector(self.transformer, pulid.pulid_ca)
+        self._uncond_id: Optional[torch.Tensor] = None
+        if is_random_weights:
+            log.warning("model %r has RANDOM weights: its images are noise, not a real model's output", model_name)
+
+    @classmethod
+    def from_preset(cls, model: str = "tiny", **options) -> "PuLIDFluxPipeline":
+        """``tiny`` (random weights made in code, runs anywhere) or ``flux-dev`` (the released weights)."""
+        from .presets import PRESETS
+
+        if model not in PRESETS:
+            raise ValueError(f"unknown model {model!r}; choose one of {sorted(PRESETS)}")
+        return PRESETS[model](PipelineOptions(**options))
+
+    # -- the algorithm ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def __call__(self, request: GenerationRequest, on_step: Optional[StepCallback] = None) -> GenerationResult:
+        seed = request.seed if request.seed is not None else secrets.randbelow(RANDOM_SEED_BOUND)
+        use_true_cfg = abs(request.true_cfg - 1.0) > 0.01
+
+        id_tokens = self.encode_identity(request.reference_images, request.face_index)
+        uncond_id_tokens = self.uncond_identity() if use_true_cfg else None
+
+        cond = self.encode_text(request.prompt, request.max_sequence_length)
+        neg_cond = self.encode_text(request.negative_prompt, request.max_sequence_length) if use_true_cfg else None
+
+        noise = get_noise(
+            seed, request.height, request.width, device=self.device, dtype=self.dtype, num_images=request.num_images
+        )
+        latent_h, latent_w = noise.shape[-2:]
+        img = pack(noise)
+        img_ids = image_ids(latent_h, latent_w, device=self.device, dtype=self.dtype)
+        timesteps = get_schedule(request.num_inference_steps, img.shape[1])
+
+        latents = denoise(
+            self.transformer,
+            self.injector,
+            img,
+            img_ids,
+            timesteps,
+            cond,
+            guidance=request.guidance_scale,
+            id_tokens=id_tokens,
+            id_weight=request.id_weight,
+            start_step=request.start_step,
+            end_step=request.end_step,
+            true_cfg=request.true_cfg,
+            neg_cond=neg_cond,
+            uncond_id_tokens=uncond_id_tokens,
+            timestep_to_start_cfg=TIMESTEP_TO_START_CFG,
+            step_callback=(lambda i, n, _latents: on_step(i + 1, n)) if on_step else None,
+        )
+
+        images = self.decode(unpack(latents, request.height, request.width), request.width, request.height)
+        flags = [False] * len(images)
+        if request.enable_safety_checker and self.safety_checker is not None:
+            images, flags = self.safety_checker.check(images)
+        return GenerationResult(images=images, seed=seed, has_nsfw_concepts=flags)
+
+    # -- the steps -------------------------------------------------------------------------------
+
+    def encode_identity(self, references: list[Image.Image], face_index: Optional[int] = None) -> torch.Tensor:
+        """ID tokens [1,32,D]; several reference photos are fused by averaging their embeddings."""
+        if not references:
+            raise ValueError("at least one reference image is needed")
+        embeddings = []
+        for reference in references:
+            id_cond, vit_hidden = self.face_encoder.encode(normalize_image(reference), face_index=face_index)
+            id_cond, vit_hidden = id_cond.to(self.dtype), [h.to(self.dtype) for h in vit_hidden]
+            embeddings.append(self.pulid.encode(id_cond, vit_hidden))
+            if self._uncond_id is None:
+                # the encoder's response to all-zero inputs of these shapes: a per-model constant
+                self._uncond_id = self.pulid.encode_uncond(id_cond, vit_hidden)
+        return torch.stack(embeddings).mean(dim=0)
+
+    def uncond_identity(self) -> torch.Tensor:
+        """True CFG's negative ID; set by the first :meth:`encode_identity` call."""
+        assert self._uncond_id is not None, "encode_identity runs first"
+        return self._uncond_id
+
+    def encode_text(self, prompt: str, max_sequence_length: int) -> TextConditioning:
+        """T5 padded to ``max_sequence_length`` (no attention mask) and CLIP's pooled vector."""
+        txt, vec, txt_ids = self.flux.encode_prompt(
+            prompt=prompt, prompt_2=None, device=self.device, max_sequence_length=max_sequence_length
+        )
+        return TextConditioning(txt=txt.to(self.dtype), txt_ids=txt_ids.to(self.dtype), vec=vec.to(self.dtype))
+
+    def decode(self, latents: torch.Tensor, width: int, height: int) -> list[Image.Image]:
+        vae = self.flux.vae
+        latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        pixels = vae.decode(latents, return_dict=False)[0]
+        # clamp, then truncate to 8 bits as the official code does (diffusers would round)
+        pixels = (127.5 * (pixels.float().clamp(-1, 1) + 1)).to(torch.uint8)
+        # the latent grid is rounded up to 16 px: crop back to the requested size
+        pixels = pixels[:, :, :height, :width].permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]
+
+
+def timed(fn, *args, **kwargs):
+    """Run ``fn`` and return (result, seconds); synchronises CUDA so the time is the GPU's too."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start

@@ -1,0 +1,527 @@
+"""Hostile reference-image inputs at the fetch/decode level.
+
+Every case must end in ReferenceImageError with the expected ``.type``; any other
+exception fails the test. SSRF cases also assert that no connection was attempted
+(and a guard fails the test if a socket would leave loopback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import io
+import ipaddress
+import os
+import socket
+import ssl
+import struct
+import zlib
+
+import pytest
+from PIL import Image
+
+from pulid_flux.fetch import FetchPolicy, ReferenceImageError, decode_image, fetch_reference, load_reference_image
+
+# ---------------------------------------------------------------------------
+# helpers (kept in sync with tests/test_fetch.py)
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch):
+    """Record every outgoing connect; refuse (and fail) any that leaves loopback."""
+    seen: list[tuple[str, int]] = []
+    real_connect = socket.socket.connect
+    real_connect_ex = socket.socket.connect_ex
+
+    def check(address):
+        if isinstance(address, tuple):
+            host = address[0]
+            seen.append((host, address[1]))
+            if not ipaddress.ip_address(host.split("%")[0]).is_loopback:
+                pytest.fail(f"test tried to connect to non-loopback {address}")
+
+    def connect(self, address):
+        check(address)
+        return real_connect(self, address)
+
+    def connect_ex(self, address):
+        check(address)
+        return real_connect_ex(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    return seen
+
+
+class FakeResolver:
+    def __init__(self, table: dict[str, list[str]]):
+        self.table = table
+        self.calls: list[str] = []
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        self.calls.append(host)
+        if host not in self.table:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return list(self.table[host])
+
+
+def http_response(body: bytes, content_type: str = "image/png", status: str = "200 OK", extra: str = "") -> bytes:
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+        f"{extra}Connection: close\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
+def raw_head(status: str = "200 OK", extra: str = "") -> bytes:
+    return f"HTTP/1.1 {status}\r\n{extra}Connection: close\r\n\r\n".encode("latin-1")
+
+
+def redirect(location: str, status: str = "302 Found") -> bytes:
+    return http_response(b"", "text/plain", status, f"Location: {location}\r\n")
+
+
+class LocalServer:
+    """A tiny HTTP/1.1 server on loopback; ``routes`` maps a path to raw response bytes
+    or to an async callable(writer) that writes whatever it likes."""
+
+    def __init__(self, routes: dict, host: str = "127.0.0.1", ssl_context: ssl.SSLContext | None = None):
+        self.routes = routes
+        self.host = host
+        self.ssl_context = ssl_context
+        self.requests: list[tuple[str, dict[str, str]]] = []
+        self._tasks: set[asyncio.Task] = set()
+
+    async def __aenter__(self) -> LocalServer:
+        self.server = await asyncio.start_server(self._handle, self.host, 0, ssl=self.ssl_context)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+        for task in self._tasks:  # stalled handlers must not outlive the test
+            task.cancel()
+        await self.server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._tasks.add(asyncio.current_task())
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            path = lines[0].split(" ")[1]
+            headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+            self.requests.append((path, headers))
+            route = self.routes.get(path, http_response(b"not found", "text/plain", "404 Not Found"))
+            if callable(route):
+                await route(writer)
+            else:
+                writer.write(route)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+
+# ---------------------------------------------------------------------------
+# hostile files
+
+
+def noisy(fmt: str, size=(256, 256), mode="RGB", **save) -> bytes:
+    image = Image.frombytes(mode, size, os.urandom(size[0] * size[1] * len(mode)))
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def crafted_png(width: int, height: int, idat: bytes | None = None, color_type: int = 0) -> bytes:
+    """A PNG whose header claims width x height (grey 8-bit), with a tiny or given IDAT."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    data = idat if idat is not None else zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", data) + png_chunk(b"IEND", b"")
+
+
+def zero_png_bomb(side: int) -> bytes:
+    """A real, fully valid PNG of side x side black pixels: tiny file, huge image."""
+    rows = (b"\x00" + b"\x00" * side) * side
+    return crafted_png(side, side, zlib.compress(rows, 9))
+
+
+def corrupt_png() -> bytes:
+    good = bytearray(noisy("PNG", (64, 64)))
+    start = good.index(b"IDAT") + 4
+    for i in range(start + 20, start + 60):  # scramble compressed data (CRC no longer matches)
+        good[i] ^= 0x5A
+    return bytes(good)
+
+
+def big_gif(size) -> bytes:
+    buf = io.BytesIO()
+    Image.new("P", size, 3).save(buf, format="GIF")
+    return buf.getvalue()
+
+
+def bmp_header_only(width: int, height: int) -> bytes:
+    pixel_offset = 54
+    return (
+        b"BM"
+        + struct.pack("<IHHI", pixel_offset + 12, 0, 0, pixel_offset)
+        + struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 12, 2835, 2835, 0, 0)
+        + b"\x00" * 12
+    )
+
+
+def zip_file() -> bytes:
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("a.txt", "hello" * 100)
+    return buf.getvalue()
+
+
+SMALL_PIXELS = dict(max_pixels=1_000_000)
+
+DECODE_CASES = [
+    # (id, bytes, policy overrides, expected type)
+    ("truncated-jpeg", lambda: noisy("JPEG")[: len(noisy("JPEG")) // 3], {}, "image_load_error"),
+    ("jpeg-magic-then-garbage", lambda: b"\xff\xd8\xff\xe0" + os.urandom(2000), {}, "image_load_error"),
+    ("truncated-png", lambda: noisy("PNG")[:3000], {}, "image_load_error"),
+    ("corrupt-png-idat", corrupt_png, {}, "image_load_error"),
+    ("png-header-only", lambda: b"\x89PNG\r\n\x1a\n", {}, "image_load_error"),
+    ("png-zero-width", lambda: crafted_png(0, 10), {}, "image_load_error"),
+    ("truncated-webp", lambda: noisy("WEBP")[:200], {}, "image_load_error"),
+    ("truncated-gif", lambda: noisy("GIF", mode="L")[:30], {}, "image_load_error"),
+    ("truncated-tiff", lambda: noisy("TIFF")[:100], {}, "image_load_error"),
+    ("html", lambda: b"<!doctype html><html><body><img src=x onerror=alert(1)></body></html>", {}, "image_load_error"),
+    ("pdf", lambda: b"%PDF-1.7\n1 0 obj << /Type /Catalog >> endobj\ntrailer << >>\n%%EOF", {}, "image_load_error"),
+    ("zip", zip_file, {}, "image_load_error"),
+    (
+        "svg",
+        lambda: b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>',
+        {},
+        "image_load_error",
+    ),
+    ("text", lambda: b"just some text, definitely not pixels\n", {}, "image_load_error"),
+    ("postscript", lambda: b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n", {}, "image_load_error"),
+    ("empty", lambda: b"", {}, "image_load_error"),
+    ("png-bomb-100000x100000", lambda: crafted_png(100_000, 100_000), {}, "image_too_large"),
+    ("png-bomb-7000x7000-header", lambda: crafted_png(7000, 7000), {}, "image_too_large"),
+    ("png-bomb-real-6400x6400", lambda: zero_png_bomb(6400), {}, "image_too_large"),
+    ("gif-over-max-pixels", lambda: big_gif((1200, 1000)), SMALL_PIXELS, "image_too_large"),
+    ("png-over-max-side", lambda: crafted_png(9000, 10), {}, "image_too_large"),
+    ("bmp-header-claims-huge", lambda: bmp_header_only(50_000, 50_000), {}, "image_too_large"),
+    (
+        "gif-not-in-allowed-types",
+        lambda: big_gif((10, 10)),
+        {"allowed_content_types": ["image/png"]},
+        "image_load_error",
+    ),
+    ("over-max-bytes", lambda: noisy("PNG", (64, 64)), {"max_bytes": 1000}, "file_too_large"),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Truncated File Read")  # PIL's TIFF plugin warns before failing
+@pytest.mark.parametrize("make,overrides,expected", [c[1:] for c in DECODE_CASES], ids=[c[0] for c in DECODE_CASES])
+def test_hostile_bytes_are_rejected_by_decode(make, overrides, expected):
+    data = make()
+    with pytest.raises(ReferenceImageError) as exc:
+        decode_image(data, FetchPolicy(**overrides))
+    assert exc.value.type == expected, exc.value.msg
+    assert exc.value.msg
+
+
+def test_bomb_file_is_small_but_refused_before_decoding():
+    data = zero_png_bomb(6400)
+    assert len(data) < 200_000  # tiny on the wire...
+    with pytest.raises(ReferenceImageError) as exc:
+        decode_image(data, FetchPolicy())
+    assert exc.value.type == "image_too_large"  # ...refused from its header
+
+
+# ---------------------------------------------------------------------------
+# data: URIs
+
+PNG_B64 = base64.b64encode(noisy("PNG", (8, 8))).decode()
+
+DATA_CASES = [
+    ("huge", lambda: "data:image/png;base64," + "A" * 2_000_000, {"max_data_uri_bytes": 1_000_000}, "file_too_large"),
+    ("decodes-over-max-bytes", lambda: "data:image/png;base64," + PNG_B64, {"max_bytes": 50}, "file_too_large"),
+    ("percent-over-max-bytes", lambda: "data:image/png," + "%00" * 300, {"max_bytes": 100}, "file_too_large"),
+    ("no-comma", lambda: "data:image/png;base64" + PNG_B64, {}, "image_load_error"),
+    ("bad-base64-chars", lambda: "data:image/png;base64,****$$$$" + PNG_B64, {}, "image_load_error"),
+    ("bad-base64-length", lambda: "data:image/png;base64,A", {}, "image_load_error"),
+    ("non-ascii", lambda: "data:image/png;base64,ÿØÿà", {}, "image_load_error"),
+    ("empty", lambda: "data:,", {}, "image_load_error"),
+    (
+        "html-payload",
+        lambda: "data:image/png;base64," + base64.b64encode(b"<html><script>x</script>").decode(),
+        {},
+        "image_load_error",
+    ),
+    (
+        "svg-payload",
+        lambda: "data:image/svg+xml,%3Csvg%20xmlns%3D%22http://www.w3.org/2000/svg%22/%3E",
+        {},
+        "image_load_error",
+    ),
+]
+
+
+@pytest.mark.parametrize("make,overrides,expected", [c[1:] for c in DATA_CASES], ids=[c[0] for c in DATA_CASES])
+def test_hostile_data_uris(make, overrides, expected, loopback_only):
+    with pytest.raises(ReferenceImageError) as exc:
+        asyncio.run(load_reference_image(make(), FetchPolicy(**overrides), resolver=FakeResolver({})))
+    assert exc.value.type == expected, exc.value.msg
+    assert loopback_only == []
+
+
+# ---------------------------------------------------------------------------
+# URLs refused before any connection
+
+RESOLVER_TABLE = {
+    "localhost": ["127.0.0.1", "::1"],
+    "rebind.test": ["127.0.0.1"],
+    "mixed.test": ["93.184.215.14", "10.0.0.7"],
+    "mixed6.test": ["2606:4700:4700::1111", "fd00::1"],
+    "meta.test": ["169.254.169.254"],
+    "mapped.test": ["::ffff:192.168.1.1"],
+}
+
+URL_CASES = [
+    ("http://127.0.0.1/", "url_not_allowed"),
+    ("http://127.0.0.1:8443/files/x.png", "url_not_allowed"),
+    ("http://localhost/", "url_not_allowed"),
+    ("http://[::1]/", "url_not_allowed"),
+    ("http://0.0.0.0/", "url_not_allowed"),
+    ("http://10.0.0.1/", "url_not_allowed"),
+    ("http://172.16.0.1/", "url_not_allowed"),
+    ("http://192.168.1.1/", "url_not_allowed"),
+    ("http://169.254.169.254/latest/meta-data/", "url_not_allowed"),
+    ("http://100.64.0.1/", "url_not_allowed"),
+    ("http://224.0.0.1/", "url_not_allowed"),
+    ("http://255.255.255.255/", "url_not_allowed"),
+    ("http://[::ffff:127.0.0.1]/", "url_not_allowed"),
+    ("http://[::ffff:a9fe:a9fe]/", "url_not_allowed"),
+    ("http://[64:ff9b::a9fe:a9fe]/", "url_not_allowed"),
+    ("http://[2002:7f00:1::]/", "url_not_allowed"),
+    ("http://[fe80::1]/", "url_not_allowed"),
+    ("http://[fd00::1]/", "url_not_allowed"),
+    ("http://[::]/", "url_not_allowed"),
+    ("http://2130706433/", "url_not_allowed"),
+    ("http://0x7f000001/", "url_not_allowed"),
+    ("http://0177.0.0.1/", "url_not_allowed"),
+    ("http://0x7f.0.0.1/", "url_not_allowed"),
+    ("http://127.1/", "url_not_allowed"),
+    ("http://%31%32%37.0.0.1/", "url_not_allowed"),
+    ("file:///etc/passwd", "url_not_allowed"),
+    ("ftp://example.com/face.png", "url_not_allowed"),
+    ("gopher://127.0.0.1:6379/_FLUSHALL", "url_not_allowed"),
+    ("dict://127.0.0.1:11211/stats", "url_not_allowed"),
+    ("javascript:alert(1)", "url_not_allowed"),
+    ("//example.com/face.png", "url_not_allowed"),
+    ("face.png", "url_not_allowed"),
+    ("", "url_not_allowed"),
+    ("http:///nohost", "url_not_allowed"),
+    ("http://good@127.0.0.1/", "url_not_allowed"),
+    ("http://user:pass@example.com/", "url_not_allowed"),
+    ("http://example.com@127.0.0.1/", "url_not_allowed"),
+    ("http://rebind.test/", "url_not_allowed"),
+    ("http://mixed.test/", "url_not_allowed"),
+    ("http://mixed6.test/", "url_not_allowed"),
+    ("http://meta.test/", "url_not_allowed"),
+    ("http://mapped.test/", "url_not_allowed"),
+    ("http://x" + "a" * 9000 + ".test/", "url_not_allowed"),
+    ("http://nxdomain.test/", "fetch_failed"),
+]
+
+
+@pytest.mark.parametrize("url,expected", URL_CASES, ids=[u[:60] for u, _ in URL_CASES])
+def test_hostile_urls_refused_before_connecting(url, expected, loopback_only):
+    resolver = FakeResolver(RESOLVER_TABLE)
+    with pytest.raises(ReferenceImageError) as exc:
+        asyncio.run(fetch_reference(url, FetchPolicy(), resolver=resolver))
+    assert exc.value.type == expected, exc.value.msg
+    assert loopback_only == []  # no socket was ever opened
+
+
+def test_allow_list_does_not_open_other_private_ranges(loopback_only):
+    policy = FetchPolicy(allowed_networks=["10.9.0.0/16"])
+    resolver = FakeResolver({"store.test": ["10.9.0.5", "10.10.0.5"]})
+    with pytest.raises(ReferenceImageError) as exc:
+        asyncio.run(fetch_reference("http://store.test/x.png", policy, resolver=resolver))
+    assert exc.value.type == "url_not_allowed" and loopback_only == []
+
+
+# ---------------------------------------------------------------------------
+# hostile servers (served from loopback, which these tests allow explicitly)
+
+PUBLIC = FakeResolver  # alias for readability below
+ALLOW_LOOPBACK = ["127.0.0.0/8"]
+
+
+async def _stall(writer):
+    await asyncio.sleep(30)  # cancelled when the server shuts down
+
+
+async def _slow_body(writer):
+    writer.write(raw_head(extra="Content-Type: image/png\r\nContent-Length: 100000\r\n"))
+    await writer.drain()
+    for _ in range(300):
+        writer.write(b"\x00" * 10)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+
+
+async def _endless_body(writer):
+    writer.write(raw_head(extra="Content-Type: image/png\r\n"))  # no length: body ends at close
+    while True:
+        writer.write(b"\x89PNG" * 16384)
+        await writer.drain()
+
+
+async def _endless_chunked(writer):
+    writer.write(raw_head(extra="Content-Type: image/png\r\nTransfer-Encoding: chunked\r\n"))
+    while True:
+        writer.write(b"4000\r\n" + b"\x00" * 0x4000 + b"\r\n")
+        await writer.drain()
+
+
+async def _short_body(writer):
+    writer.write(raw_head(extra="Content-Type: image/png\r\nContent-Length: 5000\r\n") + b"\x89PNG" * 25)
+    await writer.drain()
+
+
+async def _long_body(writer):
+    png = noisy("PNG", (64, 64))
+    writer.write(raw_head(extra="Content-Type: image/png\r\nContent-Length: 100\r\n") + png + b"\x00" * 100000)
+    await writer.drain()
+
+
+SERVER_CASES = {
+    # id: (routes, path, policy overrides, expected type)
+    "http-404": ({}, "/missing", {}, "fetch_failed"),
+    "http-500": ({"/p": http_response(b"oops", "text/plain", "500 Internal Server Error")}, "/p", {}, "fetch_failed"),
+    "http-204": ({"/p": raw_head("204 No Content")}, "/p", {}, "fetch_failed"),
+    "html-content-type": ({"/p": http_response(b"<html></html>", "text/html")}, "/p", {}, "image_load_error"),
+    "html-disguised-as-png": ({"/p": http_response(b"<html>hi</html>", "image/png")}, "/p", {}, "image_load_error"),
+    "empty-body": ({"/p": http_response(b"", "image/png")}, "/p", {}, "image_load_error"),
+    "bomb-over-http": ({"/p": http_response(zero_png_bomb(6400))}, "/p", {}, "image_too_large"),
+    "content-length-over-limit": ({"/p": raw_head(extra="Content-Length: 999999999\r\n")}, "/p", {}, "file_too_large"),
+    "oversize-no-content-length": ({"/p": _endless_body}, "/p", {"max_bytes": 100_000}, "file_too_large"),
+    "oversize-chunked": ({"/p": _endless_chunked}, "/p", {"max_bytes": 100_000}, "file_too_large"),
+    "content-length-lying-long": ({"/p": _short_body}, "/p", {}, "fetch_failed"),
+    "content-length-lying-short": ({"/p": _long_body}, "/p", {}, "image_load_error"),
+    # Content-Encoding is never undone, so a gzip bomb stays a small, undecodable blob.
+    "gzip-bomb-not-inflated": (
+        {"/p": http_response(gzip.compress(b"\0" * 30_000_000), "image/png", extra="Content-Encoding: gzip\r\n")},
+        "/p",
+        {},
+        "image_load_error",
+    ),
+    "garbage-not-http": ({"/p": b"SSH-2.0-OpenSSH_9.6\r\n\r\n"}, "/p", {}, "fetch_failed"),
+    "never-answers": ({"/p": _stall}, "/p", {"timeout_s": 0.3}, "timeout"),
+    "slow-body": ({"/p": _slow_body}, "/p", {"timeout_s": 0.5}, "timeout"),
+    "redirect-loop": ({"/p": redirect("/p")}, "/p", {}, "fetch_failed"),
+    "redirect-without-location": ({"/p": http_response(b"", "text/plain", "302 Found")}, "/p", {}, "fetch_failed"),
+    "redirect-to-file": ({"/p": redirect("file:///etc/passwd")}, "/p", {}, "url_not_allowed"),
+    "redirect-to-gopher": ({"/p": redirect("gopher://public.test:70/_x")}, "/p", {}, "url_not_allowed"),
+    "redirect-to-metadata-ip": (
+        {"/p": redirect("http://169.254.169.254/latest/meta-data/")},
+        "/p",
+        {},
+        "url_not_allowed",
+    ),
+    "redirect-to-mapped-metadata": ({"/p": redirect("http://[::ffff:169.254.169.254]/")}, "/p", {}, "url_not_allowed"),
+    "redirect-to-name-of-10.x": ({"/p": redirect("http://internal.test/admin")}, "/p", {}, "url_not_allowed"),
+    "redirect-to-name-of-metadata": ({"/p": redirect("http://meta.test/")}, "/p", {}, "url_not_allowed"),
+    "redirect-to-userinfo": ({"/p": redirect("http://u:p@public.test/x")}, "/p", {}, "url_not_allowed"),
+    "redirect-to-decimal-ip": ({"/p": redirect("http://2852039166/")}, "/p", {}, "url_not_allowed"),
+}
+
+
+@pytest.mark.parametrize("case", list(SERVER_CASES), ids=list(SERVER_CASES))
+def test_hostile_servers(case, loopback_only):
+    routes, path, overrides, expected = SERVER_CASES[case]
+    resolver = FakeResolver(
+        {"public.test": ["127.0.0.1"], "internal.test": ["10.0.0.1"], "meta.test": ["169.254.169.254"]}
+    )
+
+    async def scenario():
+        async with LocalServer(dict(routes)) as srv:
+            policy = FetchPolicy(allowed_networks=ALLOW_LOOPBACK, **overrides)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(ReferenceImageError) as exc:
+                await load_reference_image(f"http://public.test:{srv.port}{path}", policy, resolver=resolver)
+            return srv, exc.value, loop.time() - started
+
+    srv, err, elapsed = asyncio.run(scenario())
+    assert err.type == expected, err.msg
+    assert elapsed < 5
+    # Only the test server was ever dialled; refused redirect targets never were.
+    assert loopback_only and all(addr == ("127.0.0.1", srv.port) for addr in loopback_only)
+    assert len(srv.requests) == len(loopback_only) == 1
+
+
+def test_redirect_from_allowed_server_to_loopback_is_refused(loopback_only):
+    """Only 127.0.0.2 is allowed; a redirect to 127.0.0.1 must be refused before it is dialled."""
+
+    async def scenario():
+        async with LocalServer({"/secret": http_response(b"secret")}, host="127.0.0.1") as secret:
+            routes = {"/p": redirect(f"http://127.0.0.1:{secret.port}/secret")}
+            async with LocalServer(routes, host="127.0.0.2") as srv:
+                with pytest.raises(ReferenceImageError) as exc:
+                    await fetch_reference(
+                        f"http://127.0.0.2:{srv.port}/p", FetchPolicy(allowed_networks=["127.0.0.2/32"])
+                    )
+                return secret, srv, exc.value
+
+    secret, srv, err = asyncio.run(scenario())
+    assert err.type == "url_not_allowed"
+    assert secret.requests == []
+    assert loopback_only == [("127.0.0.2", srv.port)]
+
+
+def test_too_many_redirects(loopback_only):
+    routes = {f"/r{i}": redirect(f"/r{i + 1}", "301 Moved Permanently") for i in range(20)}
+
+    async def scenario():
+        async with LocalServer(routes) as srv:
+            with pytest.raises(ReferenceImageError) as exc:
+                await fetch_reference(
+                    f"http://public.test:{srv.port}/r0",
+                    FetchPolicy(allowed_networks=ALLOW_LOOPBACK, max_redirects=3),
+                    resolver=FakeResolver({"public.test": ["127.0.0.1"]}),
+                )
+            return srv, exc.value
+
+    srv, err = asyncio.run(scenario())
+    assert err.type == "fetch_failed"
+    assert [p for p, _ in srv.requests] == ["/r0", "/r1", "/r2", "/r3"]  # 1 request + 3 redirects followed
+
+
+def test_connection_refused_is_fetch_failed(loopback_only):
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now
+    with pytest.raises(ReferenceImageError) as exc:
+        asyncio.run(
+            fetch_reference(
+                f"http://public.test:{port}/x",
+                FetchPolicy(allowed_networks=ALLOW_LOOPBACK),
+                resolver=FakeResolver({"public.test": ["127.0.0.1"]}),
+            )
+        )
+    assert exc.value.type == "fetch_failed"
+
+
+def test_case_count():
+    total = len(DECODE_CASES) + len(DATA_CASES) + len(URL_CASES) + len(SERVER_CASES) + 4
+    assert total >= 40

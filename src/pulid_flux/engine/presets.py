@@ -56,7 +56,7 @@ def build_tiny(options: PipelineOptions) -> PuLIDFluxPipeline:
     )
     parser = _seeded(seed + 4, build_bisenet)
     face = FaceEncoder(build_tiny_face_analyzer(device, seed + 5), parser, eva, device, dtype)
-    safety = SafetyChecker.random(seed + 6)
+    safety = SafetyChecker.random(seed + 6, device=device, dtype=dtype)
     return _assemble(flux, pulid, face, safety, "tiny", True, options)
 
 
@@ -70,18 +70,18 @@ def load_flux_dev(options: PipelineOptions) -> PuLIDFluxPipeline:
     paths.check()  # every missing file named at once, with the command that fetches it
     transformer = load_flux_transformer(paths.flux_transformer or paths.flux_dir / "transformer", dtype=dtype,
                                         device="cpu")
-    vae = (load_flux_vae(paths.flux_vae, dtype=dtype, device="cpu") if paths.flux_vae
+    vae = (load_flux_vae(paths.flux_ae, dtype=dtype, device="cpu") if paths.flux_ae
            else AutoencoderKL.from_pretrained(paths.flux_dir / "vae", torch_dtype=dtype))
     flux = FluxPipeline.from_pretrained(paths.flux_dir, transformer=transformer, vae=vae, torch_dtype=dtype)
     flux.set_progress_bar_config(disable=True)
     eva = build_eva()
-    load_eva_checkpoint(eva, paths.eva)
+    load_eva_checkpoint(eva, paths.eva_checkpoint)
     pulid = PuLIDModules.for_transformer(transformer)
-    load_pulid_checkpoint(pulid, paths.pulid)
-    analyzer = build_insightface_analyzer(paths.antelopev2, paths.facexlib, device)
-    parser = load_bisenet_checkpoint(paths.facexlib / "parsing_bisenet.pth")
+    load_pulid_checkpoint(pulid, paths.pulid_checkpoint)
+    analyzer = build_insightface_analyzer(paths.antelopev2_root, paths.facexlib_dir, device)
+    parser = load_bisenet_checkpoint(paths.facexlib_parsing)
     face = FaceEncoder(analyzer, parser, eva, device, dtype)
-    safety = SafetyChecker.from_pretrained(paths.safety_checker, device=device, dtype=dtype)
+    safety = SafetyChecker.from_pretrained(paths.safety_checker_dir, device=device, dtype=dtype)
     return _assemble(flux, pulid, face, safety, "flux-dev", False, options)
 
 
@@ -141,8 +141,6 @@ def _assemble(flux, pulid, face, safety, name, is_random, options: PipelineOptio
         flux.to(device, dtype)
     if options.compile:
         flux.transformer.compile_repeated_blocks(fullgraph=True)
-    if safety is not None:
-        safety.to(device)
     return PuLIDFluxPipeline(flux=flux, pulid=pulid, face_encoder=face, safety_checker=safety, model_name=name,
                              is_random_weights=is_random, device=device, dtype=dtype)
 

@@ -258,8 +258,9 @@ def build_insightface_analyzer(
         if not needed.is_file():  # check first: both libraries would try to download
             raise FileNotFoundError(f"Face model not found: {needed}; run: pulid-flux download")
     providers = onnx_providers(device)
+    # An absolute name: insightface would otherwise first look for ./antelopev2 in the working dir.
     app = FaceAnalysis(
-        name="antelopev2", root=str(insightface_root),
+        name=str(model_dir.resolve()), root=str(insightface_root),
         allowed_modules=["detection", "recognition"], providers=providers,
     )
     app.prepare(ctx_id=_ctx_id(device), det_size=INSIGHTFACE_DET_SIZE)

@@ -1,0 +1,270 @@
+"""The FastAPI application: fal's protocol for ``fal-ai/flux-pulid`` over the queue.
+
+This process never imports torch: generation happens in worker processes that share the
+queue and storage (see ``pulid_flux.worker``). Background loops here re-queue requests of
+dead workers, expire old results, and deliver webhooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Awaitable, Callable, Optional
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..config import ENDPOINT_ID, Settings
+from ..queue.base import WEBHOOK_DELIVERED, WEBHOOK_FAILED, Queue
+from ..storage.base import KIND_UPLOAD, Storage
+from . import routes_queue, routes_storage
+from .auth import Auth, load_or_create_secret
+from .proxy import BodyLimitMiddleware, FalProxyMiddleware
+from .services import Services
+
+log = logging.getLogger("pulid_flux.api")
+
+BackgroundTask = Callable[[Services], Awaitable[None]]
+
+
+def _clean_errors(errors) -> list[dict]:
+    # fal's shape; the offending input is not echoed back (it may be a large data URI).
+    out = []
+    for e in errors:
+        entry = {"loc": list(e.get("loc", ["body"])), "msg": e.get("msg", ""), "type": e.get("type", "value_error")}
+        if e.get("ctx"):
+            entry["ctx"] = jsonable_encoder(e["ctx"], custom_encoder={Exception: str})
+        out.append(entry)
+    return out
+
+
+def build_services(settings: Settings, queue: Optional[Queue] = None,
+                   storage: Optional[Storage] = None) -> Services:
+    from ..fetch import FetchPolicy
+    from ..queue.sqlite import SQLiteQueue
+    from ..storage.local import LocalStorage
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    queue = queue or SQLiteQueue(settings.db_path, busy_timeout_s=settings.db_busy_timeout_s)
+    storage = storage or LocalStorage(settings.files_dir, max_file_bytes=settings.max_upload_bytes,
+                                      max_parts=settings.max_multipart_parts)
+    policy = FetchPolicy(
+        max_bytes=settings.max_reference_bytes, timeout_s=settings.fetch_timeout_s,
+        max_redirects=settings.fetch_max_redirects, max_pixels=settings.max_reference_pixels,
+        allowed_networks=list(settings.fetch_allowed_private_cidrs),
+    )
+    signer = None
+    try:
+        from ..webhooks import WebhookSigner
+
+        signer = WebhookSigner.load_or_create(settings.webhook_key_path)
+    except ImportError:  # webhooks are optional for the rest of the API
+        log.warning("webhooks unavailable: pulid_flux.webhooks cannot be imported")
+    scheme = "https" if settings.ssl_certfile else "http"
+    host = settings.bind_host
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    default_base = settings.public_url or f"{scheme}://{host}:{settings.port}"
+    own_hosts = {f"{h}:{settings.port}" for h in ("127.0.0.1", "localhost", settings.bind_host)}
+    return Services(settings=settings, queue=queue, storage=storage,
+                    auth=Auth(settings.api_keys, load_or_create_secret(settings.secret_path)),
+                    fetch_policy=policy, webhook_signer=signer, default_base_url=default_base.rstrip("/"),
+                    own_hosts=own_hosts)
+
+
+# --- background loops ----------------------------------------------------------------------
+
+async def reaper_loop(svc: Services) -> None:
+    """Re-queues requests whose worker stopped renewing its lease (crash, kill -9, host loss)."""
+    period = min(1.0, svc.settings.lease_timeout_s / 4)
+    while True:
+        try:
+            ids = await asyncio.to_thread(svc.queue.requeue_stale, svc.settings.lease_timeout_s,
+                                          svc.settings.max_attempts)
+            if ids:
+                log.warning("re-queued or failed %d request(s) of silent workers", len(ids))
+        except Exception:  # noqa: BLE001 - keep the loop alive through a locked database
+            log.exception("reaper failed")
+        await asyncio.sleep(period)
+
+
+async def cleanup_loop(svc: Services) -> None:
+    """Deletes results (with their files) and uploads once their retention time is over."""
+    while True:
+        try:
+            now = time.time()
+            file_ids = await asyncio.to_thread(svc.queue.expire, now - svc.settings.result_ttl_s)
+            for fid in file_ids:
+                await asyncio.to_thread(svc.storage.delete, fid)
+            await asyncio.to_thread(svc.storage.expire, KIND_UPLOAD, now - svc.settings.upload_ttl_s)
+        except Exception:  # noqa: BLE001
+            log.exception("cleanup failed")
+        await asyncio.sleep(svc.settings.cleanup_interval_s)
+
+
+async def webhook_loop(svc: Services) -> None:
+    """Delivers each completed request's webhook once; state lives in the queue, so a restart
+    resumes what was not delivered and skips what was."""
+    if svc.webhook_signer is None:
+        return
+    from ..webhooks import WebhookSender, build_payload
+
+    s = svc.settings
+    sender = WebhookSender(svc.webhook_signer, max_attempts=s.webhook_max_attempts,
+                           base_delay_s=s.webhook_base_delay_s, max_delay_s=s.webhook_max_delay_s,
+                           timeout_s=s.webhook_timeout_s)
+    in_flight: set[str] = set()
+    limit = asyncio.Semaphore(s.webhook_concurrency)
+
+    async def deliver(job) -> None:
+        try:
+            async with limit:
+                ok = job.status_code is not None and 200 <= job.status_code < 300
+                body = build_payload(
+                    job.id, ok=ok, payload=svc.result_body(job, svc.default_base_url),
+                    error=None if ok else f"Invalid status code: {job.status_code}",
+                )
+                delivered = await sender.deliver(job.webhook_url, job.id, body, job.owner)
+            await asyncio.to_thread(svc.queue.set_webhook_state, job.id,
+                                    WEBHOOK_DELIVERED if delivered else WEBHOOK_FAILED)
+            if not delivered:
+                log.warning("webhook for %s could not be delivered", job.id)
+        except Exception:  # noqa: BLE001
+            log.exception("webhook delivery for %s failed", job.id)
+            await asyncio.to_thread(svc.queue.set_webhook_state, job.id, WEBHOOK_FAILED)
+        finally:
+            in_flight.discard(job.id)
+
+    try:
+        while True:
+            try:
+                jobs = await asyncio.to_thread(svc.queue.pending_webhooks, 100)
+                for job in jobs:
+                    if job.id not in in_flight and job.webhook_url:
+                        in_flight.add(job.id)
+                        asyncio.create_task(deliver(job))
+            except Exception:  # noqa: BLE001
+                log.exception("webhook loop failed")
+            await asyncio.sleep(s.webhook_poll_interval_s)
+    finally:
+        await sender.aclose()
+
+
+# --- the app ---------------------------------------------------------------------------------
+
+def create_app(settings: Optional[Settings] = None, *, services: Optional[Services] = None,
+               background: Optional[list[BackgroundTask]] = None,
+               run_loops: bool = True) -> FastAPI:
+    settings = settings or (services.settings if services else Settings())
+    svc = services or build_services(settings)
+    tasks_to_run: list[BackgroundTask] = list(background or [])
+    if run_loops:
+        tasks_to_run += [reaper_loop, cleanup_loop, webhook_loop]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        tasks = [asyncio.create_task(t(svc)) for t in tasks_to_run]
+        try:
+            yield
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+
+    app = FastAPI(
+        title="pulid-flux: fal-ai/flux-pulid",
+        version=__version__,
+        description="A self-hosted twin of fal's `fal-ai/flux-pulid` endpoint (FLUX.1-dev + PuLID). "
+        "Queue API at `/`, sync API at `/run/`, storage at `/rest/` and `/cdn/`.",
+        lifespan=lifespan,
+        docs_url=None,
+        openapi_url=None,
+    )
+    app.state.services = svc
+
+    def require_auth(request: Request) -> str:
+        return svc.auth.owner_for(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return JSONResponse({"detail": _clean_errors(exc.errors())}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse({"detail": "Internal server error", "error_type": "internal_error"},
+                            status_code=500, headers={"x-fal-error-type": "internal_error"})
+
+    app.include_router(routes_queue.router)
+    app.include_router(routes_storage.rest)
+    app.include_router(routes_storage.cdn)
+    app.include_router(routes_storage.files)
+
+    @app.get("/health", tags=["service"], summary="Liveness, model and workers (no auth)")
+    async def health():
+        workers = await asyncio.to_thread(svc.queue.workers, svc.settings.lease_timeout_s)
+        stats = await asyncio.to_thread(svc.queue.stats)
+        ready = [w for w in workers if w.state in ("ready", "busy")]
+        model = ready[0] if ready else None
+        label = None
+        if model is not None:
+            label = model.model + (" (random weights)" if model.random_weights else "")
+        return {
+            "status": "ok", "endpoint": ENDPOINT_ID, "version": __version__,
+            "model": label, "model_name": model.model if model else settings.model,
+            "random_weights": bool(model.random_weights) if model else None,
+            "ready": bool(ready),
+            "workers": [{"id": w.worker_id, "state": w.state, "model": w.model,
+                         "random_weights": w.random_weights, "device": w.device} for w in workers],
+            "queue": {"in_queue": int(stats.get("state_IN_QUEUE", 0)),
+                      "in_progress": int(stats.get("state_IN_PROGRESS", 0))},
+        }
+
+    @app.get("/metrics", tags=["service"], summary="Prometheus metrics",
+             dependencies=[Depends(require_auth)])
+    async def metrics():
+        from .metrics import render
+
+        body, content_type = await asyncio.to_thread(render, svc)
+        return Response(body, media_type=content_type)
+
+    @app.get("/.well-known/jwks.json", tags=["service"],
+             summary="Public keys that verify this server's webhook signatures (public)")
+    async def jwks():
+        if svc.webhook_signer is None:
+            return JSONResponse({"keys": []})
+        return svc.webhook_signer.jwks()
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_auth)])
+    async def openapi():
+        return app.openapi()
+
+    @app.get("/docs", include_in_schema=False, dependencies=[Depends(require_auth)])
+    async def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title)
+
+    # Outermost first: CORS answers preflights (proxy included), then the proxy re-routes,
+    # then the body cap applies to the re-routed path.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
+    app.add_middleware(FalProxyMiddleware)
+    app.add_middleware(
+        CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
+        allow_headers=["*"],
+        expose_headers=["x-fal-request-id", "x-fal-error-type", "x-fal-request-timeout-type", "etag"],
+    )
+    return app

@@ -1,0 +1,135 @@
+"""API keys and the HMAC-signed tokens this server hands out.
+
+Keys are compared in constant time. A request belongs to the key that submitted it (its
+"owner", a hash of the key), and other keys get 404 for it. Tokens (CDN upload tokens,
+`/rest/tokens/` JWT stand-ins) and signed upload URLs are HMACs over a server secret kept
+in the data directory, so they survive restarts and need no database.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Optional
+
+from fastapi import HTTPException, Request
+
+TOKEN_CDN = "cdn"
+TOKEN_CLIENT = "client"
+
+
+def owner_of(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    secret = secrets.token_bytes(32)
+    # O_EXCL: two processes starting together agree on one secret.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes()
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret)
+    return secret
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class Auth:
+    def __init__(self, api_keys: list[str], secret: bytes):
+        self._keys = [k.encode() for k in api_keys]
+        self._secret = secret
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    def check_key(self, key: str) -> Optional[str]:
+        candidate = key.encode()
+        match = None
+        for k in self._keys:  # no early exit: timing does not tell which key matched
+            if hmac.compare_digest(candidate, k):
+                match = k
+        return owner_of(match.decode()) if match is not None else None
+
+    # --- tokens -------------------------------------------------------------------------
+    def _mac(self, message: str) -> str:
+        return hmac.new(self._secret, message.encode(), hashlib.sha256).hexdigest()
+
+    def make_token(self, owner: str, kind: str, ttl_s: float) -> tuple[str, float]:
+        exp = time.time() + ttl_s
+        body = _b64(json.dumps({"o": owner, "k": kind, "e": int(exp)}).encode())
+        return f"{body}.{self._mac(body)}", exp
+
+    def check_token(self, token: str, kind: str) -> Optional[str]:
+        try:
+            body, mac = token.rsplit(".", 1)
+            if not hmac.compare_digest(mac, self._mac(body)):
+                return None
+            claims = json.loads(_unb64(body))
+        except (ValueError, TypeError):
+            return None
+        if claims.get("k") != kind or claims.get("e", 0) < time.time():
+            return None
+        return str(claims.get("o", ""))
+
+    def sign_path(self, path: str, ttl_s: float) -> str:
+        """Query string that makes ``path`` (and sub-paths) usable without credentials."""
+        exp = int(time.time() + ttl_s)
+        return f"exp={exp}&sig={self._mac(f'{path}|{exp}')}"
+
+    def check_signed(self, path: str, exp: Optional[str], sig: Optional[str]) -> bool:
+        if not exp or not sig:
+            return False
+        try:
+            if int(exp) < time.time():
+                return False
+        except ValueError:
+            return False
+        return hmac.compare_digest(sig, self._mac(f"{path}|{exp}"))
+
+    # --- request authentication --------------------------------------------------------
+    def owner_for(self, request: Request, *, allow: tuple[str, ...] = (TOKEN_CLIENT,)) -> str:
+        """The caller's owner id; raises 401 when auth is on and nothing valid was sent."""
+        if not self.enabled:
+            return ""
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        value = value.strip()
+        if scheme.lower() == "key" and value:
+            owner = self.check_key(value)
+            if owner is not None:
+                return owner
+        elif scheme.lower() == "bearer" and value:
+            for kind in allow:
+                owner = self.check_token(value, kind)
+                if owner is not None:
+                    return owner
+        token = request.query_params.get("fal_jwt_token")
+        if token and TOKEN_CLIENT in allow:
+            owner = self.check_token(token, TOKEN_CLIENT)
+            if owner is not None:
+                return owner
+        raise HTTPException(
+            status_code=401,
+            detail="Unauthorized: send `Authorization: Key <key>`",
+            headers={"x-fal-error-type": "unauthorized"},
+        )

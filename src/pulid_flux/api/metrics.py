@@ -1,0 +1,48 @@
+"""Prometheus metrics, read from the queue at scrape time.
+
+Counters live in the queue database, not in this process, so they count the work of every
+worker and survive server restarts.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+
+from .services import Services
+
+
+class QueueCollector:
+    def __init__(self, svc: Services):
+        self.svc = svc
+
+    def collect(self):
+        stats = self.svc.queue.stats()
+        yield CounterMetricFamily("pulid_flux_requests_submitted", "Requests accepted",
+                                  value=stats.get("submitted", 0))
+        completed = CounterMetricFamily("pulid_flux_requests_completed", "Requests completed",
+                                        labels=["outcome"])
+        for outcome in ("ok", "error", "cancelled", "timeout"):
+            completed.add_metric([outcome], stats.get(f"completed_{outcome}", 0))
+        yield completed
+        yield CounterMetricFamily("pulid_flux_requests_requeued",
+                                  "Requests run again after a worker was lost",
+                                  value=stats.get("requeued", 0))
+        states = GaugeMetricFamily("pulid_flux_requests", "Requests by state", labels=["state"])
+        for state in ("IN_QUEUE", "IN_PROGRESS", "COMPLETED"):
+            states.add_metric([state], stats.get(f"state_{state}", 0))
+        yield states
+        yield SummaryMetricFamily("pulid_flux_inference_seconds", "Generation time",
+                                  count_value=stats.get("inference_count", 0),
+                                  sum_value=stats.get("inference_seconds_sum", 0.0))
+        workers = self.svc.queue.workers(self.svc.settings.lease_timeout_s)
+        gauge = GaugeMetricFamily("pulid_flux_workers", "Live workers by state", labels=["state"])
+        for state in ("loading", "ready", "busy"):
+            gauge.add_metric([state], sum(1 for w in workers if w.state == state))
+        yield gauge
+
+
+def render(svc: Services) -> tuple[bytes, str]:
+    registry = CollectorRegistry()
+    registry.register(QueueCollector(svc))
+    return generate_latest(registry), "text/plain; version=0.0.4; charset=utf-8"

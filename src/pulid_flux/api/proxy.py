@@ -1,0 +1,91 @@
+"""ASGI middlewares: fal's proxy convention and the request body cap.
+
+``/api/fal/proxy`` carries the real target in ``x-fal-target-url``. Instead of forwarding over
+HTTP, the request is re-routed inside this app (scope rewrite), so SSE keeps streaming and the
+client's Authorization header is checked as usual.
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import urlsplit
+
+from fastapi import HTTPException
+
+PROXY_PATH = "/api/fal/proxy"
+
+# fal host -> path prefix of the same API on this server.
+HOST_PREFIXES = {
+    "queue.fal.run": "",
+    "fal.run": "/run",
+    "rest.fal.ai": "/rest",
+    "rest.alpha.fal.ai": "/rest",
+    "v3.fal.media": "/cdn",
+}
+
+
+async def _send_json(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+class FalProxyMiddleware:
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"].rstrip("/") != PROXY_PATH:
+            return await self.app(scope, receive, send)
+        if scope["method"] == "OPTIONS":  # CORS preflight is answered by the CORS layer
+            return await self.app(scope, receive, send)
+        headers = {k.decode().lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        target = headers.get("x-fal-target-url")
+        if not target:
+            return await _send_json(send, 400, {"detail": "Invalid request: missing x-fal-target-url"})
+        parts = urlsplit(target)
+        own = {headers.get("host", "")}
+        if parts.hostname in HOST_PREFIXES:
+            prefix = HOST_PREFIXES[parts.hostname]
+        elif parts.netloc in own:
+            prefix = ""
+        else:
+            return await _send_json(send, 403, {"detail": f"Target not allowed: {parts.netloc}"})
+        path = prefix + (parts.path or "/")
+        scope = dict(scope)
+        scope["path"] = path
+        scope["raw_path"] = path.encode()
+        scope["query_string"] = parts.query.encode()
+        return await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """413 for JSON bodies over ``limit``; upload routes enforce their own, larger limit."""
+
+    UPLOAD_PREFIXES = ("/files/", "/cdn/")
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"].startswith(self.UPLOAD_PREFIXES):
+            return await self.app(scope, receive, send)
+        for k, v in scope["headers"]:
+            if k.lower() == b"content-length" and v.isdigit() and int(v) > self.limit:
+                return await _send_json(send, 413, {"detail": f"Request body larger than {self.limit} bytes"})
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    # An HTTPException passes FastAPI's body parsing and becomes a 413.
+                    raise HTTPException(413, detail=f"Request body larger than {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)

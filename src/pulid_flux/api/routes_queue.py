@@ -1,0 +1,351 @@
+"""Queue and sync ("run") routes of fal's protocol for ``fal-ai/flux-pulid``.
+
+A thin skin over the queue: validate, fetch the references (so bad URLs fail at once and
+workers need no outbound network), enqueue, and read state back in fal's shapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any, Optional
+
+from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ..config import ENDPOINT_ID
+from ..queue.base import COMPLETED, IN_QUEUE, PRIORITIES, Job, QueueFullError
+from ..storage.base import KIND_INPUT
+from .schemas import (
+    FluxPulidInput,
+    FluxPulidOutput,
+    QueueStatus,
+    SubmitResponse,
+    check_limits,
+    error_detail,
+    resolve_size,
+)
+from .services import Services
+
+def require_auth(request: Request) -> str:
+    """Router-level dependency, so a bad key is refused before the body is even validated."""
+    owner = request.app.state.services.auth.owner_for(request)
+    request.state.owner = owner
+    return owner
+
+
+router = APIRouter(dependencies=[Depends(require_auth)])
+
+TRUE_FLAGS = {"1", "true", "yes", "on"}
+VALIDATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    422: {"description": "Invalid input: `{\"detail\": [{\"loc\": [\"body\", FIELD], \"msg\", \"type\"}]}`"},
+}
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services
+
+
+def fal_json(body: Any, status_code: int = 200, request_id: Optional[str] = None,
+             error_type: Optional[str] = None) -> JSONResponse:
+    headers = {}
+    if request_id:
+        headers["x-fal-request-id"] = request_id
+    if error_type:
+        headers["x-fal-error-type"] = error_type
+        if error_type == "request_timeout":
+            # The caller's own start timeout: clients must not retry it.
+            headers["x-fal-request-timeout-type"] = "user"
+    return JSONResponse(body, status_code=status_code, headers=headers)
+
+
+def unprocessable(errors: list[dict]) -> JSONResponse:
+    return fal_json({"detail": errors}, 422)
+
+
+def _summarise_url(url: str) -> str:
+    # Data URIs can be megabytes: the stored input keeps a short note instead.
+    if url.startswith("data:"):
+        return f"{url[:40]}…({len(url)} chars)"
+    return url
+
+
+async def accept(request: Request, body: FluxPulidInput, *, priority: int = 0,
+                 webhook_url: Optional[str] = None) -> Job | JSONResponse:
+    """Validates, fetches references, stores them and enqueues; returns the job or a 422."""
+    svc = services(request)
+    owner = request.state.owner  # set by require_auth
+    errors = check_limits(body, svc.settings)
+    if errors:
+        return unprocessable(errors)
+
+    from ..fetch import ReferenceImageError, decode_image, fetch_reference
+
+    urls: list[tuple[Any, str]] = [("reference_image_url", body.reference_image_url)]
+    urls += [(["reference_image_urls", i], u) for i, u in enumerate(body.reference_image_urls or [])]
+    own_file = svc.own_file_resolver(request)
+
+    async def load(url: str) -> bytes:
+        data = await fetch_reference(url, svc.fetch_policy, own_file=own_file)
+        image = await asyncio.to_thread(decode_image, data, svc.fetch_policy)
+        image.close()
+        return data
+
+    results = await asyncio.gather(*(load(u) for _, u in urls), return_exceptions=True)
+    for (field, _), res in zip(urls, results):
+        if isinstance(res, ReferenceImageError):
+            errors.append(error_detail(field, res.msg, res.type))
+        elif isinstance(res, BaseException):
+            raise res
+    if errors:
+        return unprocessable(errors)
+
+    files = []
+    for i, data in enumerate(results):
+        meta = await asyncio.to_thread(
+            svc.storage.put, data, content_type="application/octet-stream",
+            file_name=f"reference-{i}", kind=KIND_INPUT, owner=owner,
+        )
+        files.append(meta.id)
+
+    width, height = resolve_size(body.image_size, svc.settings)
+    stored = body.model_dump(mode="json")
+    stored["reference_image_url"] = _summarise_url(body.reference_image_url)
+    if body.reference_image_urls:
+        stored["reference_image_urls"] = [_summarise_url(u) for u in body.reference_image_urls]
+    stored["_internal"] = {"width": width, "height": height, "reference_files": files}
+
+    start_deadline = None
+    timeout_header = request.headers.get("x-fal-request-timeout")
+    if timeout_header:
+        try:
+            start_deadline = time.time() + max(1.0, float(timeout_header))
+        except ValueError:
+            pass
+    try:
+        job = await asyncio.to_thread(
+            svc.queue.submit, ENDPOINT_ID, stored, owner=owner, priority=priority,
+            webhook_url=webhook_url, ephemeral=body.sync_mode, start_deadline=start_deadline,
+            input_files=files, max_queue_length=svc.settings.max_queue_length,
+        )
+    except QueueFullError as exc:
+        for fid in files:
+            svc.storage.delete(fid)
+        return fal_json({"detail": str(exc), "error_type": "queue_full"}, 429,
+                        error_type="queue_full")
+    await asyncio.to_thread(
+        svc.queue.add_log, job.id,
+        f"queued: {width}x{height}, {body.num_inference_steps} steps, {len(files)} reference(s)",
+    )
+    return job
+
+
+def _owned_job(request: Request, request_id: str) -> Job | JSONResponse:
+    svc = services(request)
+    owner = request.state.owner  # set by require_auth
+    job = svc.queue.get(request_id)
+    # Another key's request is reported exactly like a missing one.
+    if job is None or job.endpoint != ENDPOINT_ID or (svc.auth.enabled and job.owner != owner):
+        return fal_json({"detail": "Request not found", "status": "NOT_FOUND"}, 404)
+    return job
+
+
+def _flag(value: Optional[str]) -> bool:
+    return (value or "").strip().lower() in TRUE_FLAGS
+
+
+# --- queue API ------------------------------------------------------------------------------
+
+@router.post(f"/{ENDPOINT_ID}", response_model=SubmitResponse, responses=VALIDATION_RESPONSES,
+             tags=["queue"], summary="Submit a request to the queue")
+async def submit(request: Request, body: FluxPulidInput = Body(...),
+                 fal_webhook: Optional[str] = Query(None, description="URL POSTed when done")):
+    svc = services(request)
+    priority_name = request.headers.get("x-fal-queue-priority", "normal").strip().lower()
+    if priority_name not in PRIORITIES:
+        return fal_json({"detail": [{"loc": ["header", "x-fal-queue-priority"],
+                                     "msg": "must be 'normal' or 'low'", "type": "enum"}]}, 422)
+    if fal_webhook is not None:
+        from ..webhooks import validate_webhook_url
+
+        try:
+            fal_webhook = validate_webhook_url(fal_webhook)
+        except ValueError as exc:
+            return fal_json({"detail": [{"loc": ["query", "fal_webhook"], "msg": str(exc),
+                                         "type": "url_parsing"}]}, 422)
+    job = await accept(request, body, priority=PRIORITIES[priority_name], webhook_url=fal_webhook)
+    if isinstance(job, Response):
+        return job
+    base = svc.base_url(request)
+    position = await asyncio.to_thread(svc.queue.position, job.id)
+    return fal_json({"status": IN_QUEUE, "request_id": job.id, "gateway_request_id": job.id,
+                     **svc.urls(job.id, base), "queue_position": position}, 200, job.id)
+
+
+@router.get(f"/{ENDPOINT_ID}/requests/{{request_id}}/status", response_model=QueueStatus,
+            tags=["queue"], summary="Request status (IN_QUEUE, IN_PROGRESS or COMPLETED)")
+async def status(request: Request, request_id: str, logs: Optional[str] = Query(None)):
+    job = await asyncio.to_thread(_owned_job, request, request_id)
+    if isinstance(job, Response):
+        return job
+    svc = services(request)
+    entries = (await asyncio.to_thread(svc.log_entries, job.id))[0] if _flag(logs) else None
+    body = await asyncio.to_thread(svc.status_body, job, svc.base_url(request), entries)
+    return fal_json(body, 200 if job.state == COMPLETED else 202, job.id)
+
+
+async def _status_events(request: Request, job: Job, with_logs: bool):
+    """SSE: one event per change, logs incremental, closes after COMPLETED."""
+    svc = services(request)
+    base = svc.base_url(request)
+    last_seq, last_sent, last_state, last_position = 0, time.monotonic(), None, None
+    while True:
+        job = await asyncio.to_thread(svc.queue.get, job.id)
+        if job is None:
+            return
+        entries, last_seq_new = await asyncio.to_thread(svc.log_entries, job.id, last_seq)
+        body = await asyncio.to_thread(svc.status_body, job, base, entries if with_logs else None)
+        position = body.get("queue_position")
+        if entries or job.state != last_state or position != last_position:
+            last_seq, last_state, last_position = last_seq_new, job.state, position
+            last_sent = time.monotonic()
+            yield f"data: {json.dumps(body)}\n\n"
+            if job.state == COMPLETED:
+                return
+        elif time.monotonic() - last_sent > svc.settings.sse_keepalive_s:
+            last_sent = time.monotonic()
+            yield ": keep-alive\n\n"
+        if await request.is_disconnected():
+            return
+        await asyncio.sleep(svc.settings.status_poll_interval_s)
+
+
+SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+
+
+@router.get(f"/{ENDPOINT_ID}/requests/{{request_id}}/status/stream", tags=["queue"],
+            summary="Status as server-sent events (logs incremental; closes after COMPLETED)")
+async def status_stream(request: Request, request_id: str, logs: Optional[str] = Query(None)):
+    job = await asyncio.to_thread(_owned_job, request, request_id)
+    if isinstance(job, Response):
+        return job
+    return StreamingResponse(_status_events(request, job, _flag(logs)),
+                             media_type="text/event-stream",
+                             headers={**SSE_HEADERS, "x-fal-request-id": job.id})
+
+
+@router.get(f"/{ENDPOINT_ID}/requests/{{request_id}}", response_model=FluxPulidOutput,
+            tags=["queue"], summary="The result of a completed request")
+async def result(request: Request, request_id: str):
+    job = await asyncio.to_thread(_owned_job, request, request_id)
+    if isinstance(job, Response):
+        return job
+    svc = services(request)
+    if job.state != COMPLETED:
+        return fal_json({"detail": "Request is still in progress"}, 400, job.id)
+    body = svc.result_body(job, svc.base_url(request))
+    if job.ephemeral:
+        # sync_mode: no history is kept once the result was handed out.
+        files = await asyncio.to_thread(svc.queue.delete, job.id)
+        for fid in files:
+            svc.storage.delete(fid)
+    return fal_json(body, job.status_code or 200, job.id,
+                    error_type=job.error_type if job.error else None)
+
+
+@router.put(f"/{ENDPOINT_ID}/requests/{{request_id}}/cancel", tags=["queue"],
+            summary="Cancel a queued or running request")
+async def cancel(request: Request, request_id: str):
+    job = await asyncio.to_thread(_owned_job, request, request_id)
+    if isinstance(job, Response):
+        return fal_json({"status": "NOT_FOUND"}, 404)
+    outcome = await asyncio.to_thread(services(request).queue.cancel, job.id)
+    if outcome == "completed":
+        return fal_json({"status": "ALREADY_COMPLETED"}, 400, job.id)
+    if outcome == "not_found":
+        return fal_json({"status": "NOT_FOUND"}, 404)
+    return fal_json({"status": "CANCELLATION_REQUESTED"}, 202, job.id)
+
+
+# --- sync API -------------------------------------------------------------------------------
+
+async def _wait(request: Request, job: Job, *, on_update=None) -> Optional[Job]:
+    """Polls until COMPLETED; cancels the request if the client goes away or time runs out."""
+    svc = services(request)
+    deadline = time.monotonic() + svc.settings.run_timeout_s
+    while True:
+        current = await asyncio.to_thread(svc.queue.get, job.id)
+        if current is None or current.state == COMPLETED:
+            return current
+        if on_update is not None:
+            await on_update(current)
+        if time.monotonic() > deadline:
+            await asyncio.to_thread(svc.queue.cancel, job.id)
+            return None
+        if await request.is_disconnected():
+            await asyncio.to_thread(svc.queue.cancel, job.id)
+            return None
+        await asyncio.sleep(svc.settings.status_poll_interval_s)
+
+
+def _finish_sync(svc: Services, job: Job) -> None:
+    if job.ephemeral:
+        for fid in svc.queue.delete(job.id):
+            svc.storage.delete(fid)
+
+
+@router.post(f"/run/{ENDPOINT_ID}", response_model=FluxPulidOutput,
+             responses=VALIDATION_RESPONSES, tags=["sync"],
+             summary="Run and wait for the result in one call")
+async def run_sync(request: Request, body: FluxPulidInput = Body(...)):
+    svc = services(request)
+    job = await accept(request, body)
+    if isinstance(job, Response):
+        return job
+    done = await _wait(request, job)
+    if done is None:
+        return fal_json({"detail": "Request timed out", "error_type": "request_timeout"}, 504,
+                        job.id, error_type="request_timeout")
+    out = svc.result_body(done, svc.base_url(request))
+    await asyncio.to_thread(_finish_sync, svc, done)
+    return fal_json(out, done.status_code or 200, done.id,
+                    error_type=done.error_type if done.error else None)
+
+
+@router.post(f"/run/{ENDPOINT_ID}/stream", tags=["sync"], responses=VALIDATION_RESPONSES,
+             summary="Run with server-sent progress events; the last event is the result")
+async def run_stream(request: Request, body: FluxPulidInput = Body(...)):
+    svc = services(request)
+    job = await accept(request, body)
+    if isinstance(job, Response):
+        return job
+    base = svc.base_url(request)
+
+    async def events():
+        last_seq, last_state = 0, None
+        deadline = time.monotonic() + svc.settings.run_timeout_s
+        while True:
+            current = await asyncio.to_thread(svc.queue.get, job.id)
+            if current is None:
+                return
+            entries, last_seq_new = await asyncio.to_thread(svc.log_entries, job.id, last_seq)
+            if current.state == COMPLETED:
+                out = svc.result_body(current, base)
+                if current.error is not None:
+                    out = {"error": current.error, "error_type": current.error_type,
+                           "status_code": current.status_code, "detail": (out or {}).get("detail")}
+                await asyncio.to_thread(_finish_sync, svc, current)
+                yield f"data: {json.dumps(out)}\n\n"
+                return
+            if entries or current.state != last_state:
+                last_seq, last_state = last_seq_new, current.state
+                progress = svc.status_body(current, base, entries)
+                yield f"data: {json.dumps(progress)}\n\n"
+            if time.monotonic() > deadline or await request.is_disconnected():
+                await asyncio.to_thread(svc.queue.cancel, job.id)
+                return
+            await asyncio.sleep(svc.settings.status_poll_interval_s)
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={**SSE_HEADERS, "x-fal-request-id": job.id})

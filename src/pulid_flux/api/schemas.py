@@ -1,0 +1,202 @@
+"""fal's ``fal-ai/flux-pulid`` wire protocol as pydantic models (input, output, queue statuses).
+
+Static bounds live here so that ``/openapi.json`` shows them; limits an operator can change
+(custom image size bounds, ``num_images``, reference count) are checked by ``check_limits``
+against :class:`~pulid_flux.config.Settings` and reported in the same 422 shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..config import Settings
+
+# fal's named sizes, width x height.
+IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
+    "square_hd": (1024, 1024),
+    "square": (512, 512),
+    "portrait_4_3": (768, 1024),
+    "portrait_16_9": (576, 1024),
+    "landscape_4_3": (1024, 768),
+    "landscape_16_9": (1024, 576),
+}
+
+ImageSizeName = Literal[
+    "square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9"
+]
+
+
+class ImageSize(BaseModel):
+    """A custom size. Bounds are the server's `min_image_size`/`max_image_size` settings
+    (default 256..2048); the value is rounded to the nearest multiple of `image_size_multiple`
+    (default 16), which the FLUX latent grid needs."""
+
+    model_config = ConfigDict(extra="forbid")
+    width: int = Field(..., ge=1, description="Pixels; server bounds apply (default 256..2048).")
+    height: int = Field(..., ge=1, description="Pixels; server bounds apply (default 256..2048).")
+
+
+class FluxPulidInput(BaseModel):
+    """Input of `fal-ai/flux-pulid`. Unknown fields are ignored, as fal does."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(..., description="The prompt to generate an image from.")
+    reference_image_url: str = Field(
+        ..., description="URL (http/https, data: URI, or a file URL of this server) of the face."
+    )
+    image_size: Union[ImageSizeName, ImageSize] = Field("landscape_4_3")
+    num_inference_steps: int = Field(20, ge=1, le=50)
+    seed: Optional[int] = Field(None, ge=0, le=2**64 - 1, description="Random when omitted.")
+    guidance_scale: float = Field(4.0, ge=0, le=20)
+    negative_prompt: str = Field("")
+    sync_mode: bool = Field(
+        False, description="Return images as data URIs and keep no history of the request."
+    )
+    start_step: int = Field(0, ge=0, le=50, description="Step from which the identity is injected.")
+    true_cfg: float = Field(1.0, ge=1, le=10, description="> 1 enables true CFG (slower).")
+    id_weight: float = Field(1.0, ge=0, le=1)
+    enable_safety_checker: bool = Field(True)
+    max_sequence_length: Literal["128", "256", "512"] = Field("128")
+    # --- extensions beyond fal (absent = fal behaviour) ---
+    reference_image_urls: Optional[list[str]] = Field(
+        None, description="Extension: more faces, fused with reference_image_url's."
+    )
+    end_step: Optional[int] = Field(
+        None, ge=1, le=50, description="Extension: step at which the identity injection stops."
+    )
+    num_images: int = Field(1, ge=1, description="Extension: images per request (server max).")
+    output_format: Literal["jpeg", "png", "webp"] = Field("jpeg", description="Extension.")
+    face_index: Optional[int] = Field(
+        None, ge=0, le=31, description="Extension: which face of each reference, largest first."
+    )
+
+
+class OutputImage(BaseModel):
+    url: str
+    width: int
+    height: int
+    content_type: str
+    file_name: Optional[str] = None
+    file_size: Optional[int] = None
+
+
+class Timings(BaseModel):
+    inference: float
+
+
+class FluxPulidOutput(BaseModel):
+    images: list[OutputImage]
+    timings: Timings
+    seed: int
+    has_nsfw_concepts: list[bool]
+    prompt: str
+
+
+class LogEntry(BaseModel):
+    message: str
+    level: Literal["STDERR", "STDOUT", "ERROR", "INFO", "WARN", "DEBUG"] = "INFO"
+    source: str = "USER"
+    timestamp: str
+
+
+class QueueStatus(BaseModel):
+    """What `…/requests/{id}/status` returns; fal clients understand only these three states."""
+
+    status: Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
+    request_id: str
+    response_url: str
+    status_url: str
+    cancel_url: str
+    logs: Optional[list[LogEntry]] = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    queue_position: Optional[int] = None
+    error: Optional[str] = None
+    error_type: Optional[str] = None
+
+
+class SubmitResponse(BaseModel):
+    status: Literal["IN_QUEUE"] = "IN_QUEUE"
+    request_id: str
+    gateway_request_id: str
+    response_url: str
+    status_url: str
+    cancel_url: str
+    queue_position: int
+
+
+def error_detail(field: Union[str, list], msg: str, type_: str, **extra) -> dict:
+    """One fal/FastAPI-style validation error entry."""
+    loc = ["body", *field] if isinstance(field, list) else ["body", field]
+    return {"loc": loc, "msg": msg, "type": type_, **extra}
+
+
+def resolve_size(value: Union[str, ImageSize], settings: Settings) -> tuple[int, int]:
+    if isinstance(value, str):
+        return IMAGE_SIZE_PRESETS[value]
+    m = settings.image_size_multiple
+
+    def snap(v: int) -> int:
+        # Nearest multiple, kept inside the bounds.
+        snapped = max(m, int(round(v / m)) * m)
+        while snapped > settings.max_image_size:
+            snapped -= m
+        while snapped < settings.min_image_size:
+            snapped += m
+        return snapped
+
+    return snap(value.width), snap(value.height)
+
+
+def check_limits(inp: FluxPulidInput, settings: Settings) -> list[dict]:
+    """Checks against operator-configurable limits; returns fal-style error entries."""
+    errors: list[dict] = []
+    if isinstance(inp.image_size, ImageSize):
+        for name in ("width", "height"):
+            v = getattr(inp.image_size, name)
+            if not settings.min_image_size <= v <= settings.max_image_size:
+                errors.append(
+                    error_detail(
+                        ["image_size", name],
+                        f"Input should be between {settings.min_image_size} and "
+                        f"{settings.max_image_size}",
+                        "value_error",
+                        ctx={"ge": settings.min_image_size, "le": settings.max_image_size},
+                    )
+                )
+    if inp.num_images > settings.max_num_images:
+        errors.append(
+            error_detail(
+                "num_images",
+                f"Input should be less than or equal to {settings.max_num_images}",
+                "less_than_equal",
+                ctx={"le": settings.max_num_images},
+            )
+        )
+    n_refs = 1 + len(inp.reference_image_urls or [])
+    if n_refs > settings.max_reference_images:
+        errors.append(
+            error_detail(
+                "reference_image_urls",
+                f"At most {settings.max_reference_images} reference images in total",
+                "too_long",
+            )
+        )
+    for name in ("prompt", "negative_prompt"):
+        if len(getattr(inp, name)) > settings.max_prompt_chars:
+            errors.append(
+                error_detail(
+                    name,
+                    f"String should have at most {settings.max_prompt_chars} characters",
+                    "string_too_long",
+                )
+            )
+    if not inp.prompt.strip():
+        errors.append(error_detail("prompt", "The prompt must not be empty", "value_error"))
+    if inp.end_step is not None and inp.end_step <= inp.start_step:
+        errors.append(
+            error_detail("end_step", "end_step must be greater than start_step", "value_error")
+        )
+    return errors

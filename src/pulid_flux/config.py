@@ -1,0 +1,186 @@
+"""Service settings: every limit the HTTP server and the workers enforce, in one place.
+
+Each field can be set from the environment as ``PULID_FLUX_<FIELD>`` (upper case); list fields
+take a comma-separated string or a JSON list. CLI flags of ``pulid-flux serve`` / ``worker``
+override the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENDPOINT_ID = "fal-ai/flux-pulid"
+
+
+def _split_list(value):
+    # "a,b" and '["a","b"]' are both accepted from the environment.
+    if value is None:
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return [str(v) for v in json.loads(text)]
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return list(value)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PULID_FLUX_", extra="ignore")
+
+    # --- where things live -------------------------------------------------------------
+    data_dir: Path = Field(Path("data"), description="Queue database, files and keys live here.")
+    public_url: Optional[str] = Field(
+        None,
+        description="Absolute base URL clients reach this server at (file URLs, webhooks). "
+        "Default: derived from each request's Host header.",
+    )
+
+    # --- HTTP server -------------------------------------------------------------------
+    host: Optional[str] = Field(
+        None, description="Bind address. Default: 127.0.0.1 without API keys, 0.0.0.0 with keys."
+    )
+    port: int = Field(8000, ge=0, le=65535)
+    ssl_certfile: Optional[str] = None
+    ssl_keyfile: Optional[str] = None
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Accepted `Authorization: Key …` values. Empty: no auth (loopback only by default).",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["*"], description="Origins allowed to call the API from a browser."
+    )
+    log_level: str = "info"
+
+    # --- model / workers ---------------------------------------------------------------
+    model: Optional[str] = Field(
+        None, description="tiny | flux-dev. Default: flux-dev with a CUDA GPU, tiny otherwise."
+    )
+    device: Optional[str] = None
+    weights_dir: Optional[str] = None
+    offload: bool = False
+    fp8: bool = False
+    compile: bool = False
+    local_workers: int = Field(1, ge=0, le=16, description="Workers `serve` starts and supervises.")
+    worker_restart_backoff_max_s: float = Field(
+        30.0, gt=0, description="Longest wait before restarting a worker that keeps crashing."
+    )
+    worker_healthy_uptime_s: float = Field(
+        60.0, gt=0, description="A worker that ran this long restarts without backoff after exiting."
+    )
+    worker_stop_grace_s: float = Field(
+        10.0, gt=0, description="Time a worker gets to exit on shutdown before it is killed."
+    )
+    stale_sweep_interval_s: float = Field(
+        5.0, gt=0, description="How often idle workers also re-queue requests of silent workers."
+    )
+    db_busy_timeout_s: float = Field(
+        30.0, gt=0, description="How long a queue operation waits for the SQLite write lock."
+    )
+    worker_poll_interval_s: float = Field(0.1, gt=0, description="Idle worker's queue poll period.")
+    heartbeat_interval_s: float = Field(1.0, gt=0, description="Worker lease renewal period.")
+    lease_timeout_s: float = Field(
+        20.0, gt=0, description="A running request whose worker is silent this long is re-queued."
+    )
+    max_attempts: int = Field(
+        2, ge=1, le=10, description="Runs per request, counting re-runs after a worker crash."
+    )
+    step_delay_s: float = Field(
+        0.0, ge=0, le=10, description="Artificial pause after each denoising step (tests, demos)."
+    )
+
+    # --- queue and retention -------------------------------------------------------------
+    max_queue_length: int = Field(1000, ge=1, description="Waiting requests beyond this get 429.")
+    result_ttl_s: float = Field(
+        3600.0, gt=0, description="Completed requests and their files are deleted after this."
+    )
+    upload_ttl_s: float = Field(86400.0, gt=0, description="Uploaded files are deleted after this.")
+    cleanup_interval_s: float = Field(30.0, gt=0, description="Period of the expiry sweep.")
+    run_timeout_s: float = Field(
+        1800.0, gt=0, description="Longest a sync `/run` call waits for its result (then 504)."
+    )
+    status_poll_interval_s: float = Field(
+        0.05, gt=0, description="How often waiting HTTP handlers (run, SSE) re-read the queue."
+    )
+    sse_keepalive_s: float = Field(15.0, gt=0, description="SSE comment period on quiet streams.")
+
+    # --- input limits ----------------------------------------------------------------------
+    max_request_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest JSON request body (data URIs included)."
+    )
+    min_image_size: int = Field(256, ge=16, description="Smallest custom width/height.")
+    max_image_size: int = Field(2048, ge=16, description="Largest custom width/height.")
+    image_size_multiple: int = Field(
+        16, ge=1, description="Custom sizes are rounded to the nearest multiple of this."
+    )
+    max_num_images: int = Field(4, ge=1, le=16, description="Upper bound of `num_images`.")
+    max_reference_images: int = Field(
+        4, ge=1, le=16, description="Most reference faces (reference_image_url + _urls)."
+    )
+    max_prompt_chars: int = Field(10000, ge=1, description="Longest prompt / negative prompt.")
+    max_reference_bytes: int = Field(
+        20 * 1024 * 1024, ge=1024, description="Largest reference image download."
+    )
+    max_reference_pixels: int = Field(
+        40_000_000, ge=1, description="Largest decoded reference image (width × height)."
+    )
+    fetch_timeout_s: float = Field(20.0, gt=0, description="Total time to fetch one reference.")
+    fetch_max_redirects: int = Field(3, ge=0, le=20)
+    fetch_allowed_private_cidrs: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Private/loopback networks reference URLs may point into (SSRF allow-list).",
+    )
+
+    # --- storage -----------------------------------------------------------------------------
+    max_upload_bytes: int = Field(
+        1024 * 1024 * 1024, ge=1024, description="Largest uploaded file (single or multipart)."
+    )
+    max_multipart_parts: int = Field(10000, ge=1, description="Most parts of one multipart upload.")
+    upload_url_ttl_s: float = Field(3600.0, gt=0, description="Lifetime of signed upload URLs.")
+    storage_token_ttl_s: float = Field(
+        3600.0, gt=0, description="Lifetime of CDN upload tokens; also caps `/rest/tokens/` ones."
+    )
+    client_token_default_ttl_s: float = Field(
+        120.0, gt=0, description="Lifetime of a `/rest/tokens/` token when the caller names none."
+    )
+    jpeg_quality: int = Field(95, ge=1, le=100)
+
+    # --- webhooks ------------------------------------------------------------------------------
+    webhook_poll_interval_s: float = Field(0.5, gt=0, description="Delivery loop period.")
+    webhook_concurrency: int = Field(8, ge=1, description="Webhooks delivered at once.")
+    webhook_max_attempts: int = Field(10, ge=1, le=50, description="Tries per webhook (fal: 10).")
+    webhook_base_delay_s: float = Field(1.0, gt=0, description="First retry delay; doubles.")
+    webhook_max_delay_s: float = Field(600.0, gt=0, description="Longest wait between tries.")
+    webhook_timeout_s: float = Field(15.0, gt=0, description="Time allowed for one attempt.")
+
+    @field_validator("api_keys", "cors_origins", "fetch_allowed_private_cidrs", mode="before")
+    @classmethod
+    def _lists(cls, value):
+        return _split_list(value)
+
+    @property
+    def bind_host(self) -> str:
+        if self.host:
+            return self.host
+        return "0.0.0.0" if self.api_keys else "127.0.0.1"
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.data_dir) / "queue.sqlite3"
+
+    @property
+    def files_dir(self) -> Path:
+        return Path(self.data_dir) / "files"
+
+    @property
+    def secret_path(self) -> Path:
+        return Path(self.data_dir) / "secret.key"
+
+    @property
+    def webhook_key_path(self) -> Path:
+        return Path(self.data_dir) / "webhook_ed25519.pem"

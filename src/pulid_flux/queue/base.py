@@ -1,0 +1,177 @@
+"""The request queue interface shared by the HTTP server and the workers.
+
+A backend keeps every accepted request, its logs and its result, so that both sides may
+restart independently. Only three states exist, as in fal's protocol; failures and
+cancellations are COMPLETED with ``error``/``error_type``.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+IN_QUEUE = "IN_QUEUE"
+IN_PROGRESS = "IN_PROGRESS"
+COMPLETED = "COMPLETED"
+
+PRIORITIES = {"normal": 0, "low": 1}
+
+# Webhook delivery states.
+WEBHOOK_NONE = "none"
+WEBHOOK_PENDING = "pending"
+WEBHOOK_DELIVERED = "delivered"
+WEBHOOK_FAILED = "failed"
+
+
+class QueueFullError(RuntimeError):
+    pass
+
+
+@dataclass
+class Job:
+    id: str
+    endpoint: str
+    state: str
+    input: dict[str, Any]
+    owner: str = ""
+    priority: int = 0
+    created_at: float = 0.0
+    started_at: Optional[float] = None
+    completed_at: Optional[float] = None
+    attempts: int = 0
+    worker_id: Optional[str] = None
+    cancel_requested: bool = False
+    webhook_url: Optional[str] = None
+    webhook_state: str = WEBHOOK_NONE
+    ephemeral: bool = False
+    status_code: Optional[int] = None  # of the result, once COMPLETED
+    result: Optional[Any] = None  # output JSON, or the error body
+    error: Optional[str] = None
+    error_type: Optional[str] = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    input_files: list[str] = field(default_factory=list)
+    output_files: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LogRecord:
+    seq: int
+    timestamp: float
+    level: str
+    message: str
+
+
+@dataclass
+class WorkerInfo:
+    worker_id: str
+    pid: int
+    model: str = ""
+    random_weights: bool = False
+    device: str = ""
+    state: str = "starting"
+    started_at: float = 0.0
+    heartbeat_at: float = 0.0
+
+
+class Queue(abc.ABC):
+    """All methods are synchronous and safe to call from several threads and processes."""
+
+    # --- API side -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def submit(
+        self,
+        endpoint: str,
+        input: dict[str, Any],
+        *,
+        owner: str = "",
+        priority: int = 0,
+        webhook_url: Optional[str] = None,
+        ephemeral: bool = False,
+        start_deadline: Optional[float] = None,
+        input_files: Optional[list[str]] = None,
+        max_queue_length: Optional[int] = None,
+    ) -> Job: ...
+
+    @abc.abstractmethod
+    def get(self, request_id: str) -> Optional[Job]: ...
+
+    @abc.abstractmethod
+    def position(self, request_id: str) -> int:
+        """0-based number of waiting requests that run before this one."""
+
+    @abc.abstractmethod
+    def logs(self, request_id: str, after_seq: int = 0) -> list[LogRecord]: ...
+
+    @abc.abstractmethod
+    def add_log(self, request_id: str, message: str, level: str = "INFO") -> None: ...
+
+    @abc.abstractmethod
+    def cancel(self, request_id: str) -> str:
+        """Returns 'cancelled' (was queued), 'requested' (running), 'completed' or 'not_found'."""
+
+    @abc.abstractmethod
+    def delete(self, request_id: str) -> list[str]:
+        """Removes a request; returns the file ids it referenced."""
+
+    @abc.abstractmethod
+    def expire(self, completed_before: float) -> list[str]:
+        """Deletes requests completed before the time; returns their file ids."""
+
+    @abc.abstractmethod
+    def pending_webhooks(self, limit: int = 100) -> list[Job]: ...
+
+    @abc.abstractmethod
+    def set_webhook_state(self, request_id: str, state: str) -> None: ...
+
+    @abc.abstractmethod
+    def stats(self) -> dict[str, float]: ...
+
+    # --- worker side ----------------------------------------------------------------------
+    @abc.abstractmethod
+    def claim(self, worker_id: str, endpoint: Optional[str] = None) -> Optional[Job]: ...
+
+    @abc.abstractmethod
+    def heartbeat(self, worker_id: str) -> None:
+        """Renews the lease of every request the worker holds and its worker record."""
+
+    @abc.abstractmethod
+    def is_cancel_requested(self, request_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    def complete(
+        self,
+        request_id: str,
+        *,
+        worker_id: Optional[str],
+        status_code: int,
+        result: Any,
+        error: Optional[str] = None,
+        error_type: Optional[str] = None,
+        metrics: Optional[dict[str, Any]] = None,
+        output_files: Optional[list[str]] = None,
+    ) -> bool:
+        """False when the worker no longer holds the request (it was re-queued meanwhile)."""
+
+    @abc.abstractmethod
+    def release(self, request_id: str, worker_id: str) -> bool:
+        """A worker shutting down hands a request back; the attempt does not count."""
+
+    @abc.abstractmethod
+    def requeue_stale(self, lease_timeout_s: float, max_attempts: int) -> list[str]: ...
+
+    @abc.abstractmethod
+    def release_worker(self, worker_id: str, max_attempts: int) -> list[str]:
+        """The worker died: re-queue (or fail, after max_attempts) what it held."""
+
+    @abc.abstractmethod
+    def register_worker(self, info: WorkerInfo) -> None: ...
+
+    @abc.abstractmethod
+    def remove_worker(self, worker_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def workers(self, alive_within_s: Optional[float] = None) -> list[WorkerInfo]: ...
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,311 @@
+"""``pulid-flux worker``: the process that owns the model and runs queued requests.
+
+Kept apart from the HTTP server (as replicate's cog does) so that an exception, an OOM or a
+hard crash in generation never takes the API down: the server only sees the queue. The worker
+renews a lease on what it runs; if it dies, the server (or any worker) re-queues the request,
+once, and completes it with an error after ``max_attempts``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+import uuid
+from typing import Any, Optional
+
+# The engine presets (pulid_flux.engine.presets.PRESETS), listed here to keep --help torch-free.
+MODEL_CHOICES = ["tiny", "flux-dev", "flux-dev-random"]
+
+log = logging.getLogger("pulid_flux.worker")
+
+CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+
+
+class Cancelled(Exception):
+    pass
+
+
+class ShuttingDown(Exception):
+    pass
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help="shared data directory (queue + files); env PULID_FLUX_DATA_DIR")
+    parser.add_argument("--model", choices=MODEL_CHOICES,
+                        help="default: flux-dev with a CUDA GPU, tiny otherwise")
+    parser.add_argument("--device", help="torch device, e.g. cuda:0 or cpu (default: cuda if present)")
+    parser.add_argument("--weights-dir", help="directory of the flux-dev weights")
+    parser.add_argument("--offload", action="store_true", default=None, help="CPU offload of FLUX parts")
+    parser.add_argument("--fp8", action="store_true", default=None, help="fp8 transformer weights (CUDA)")
+    parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the transformer")
+    parser.add_argument("--worker-id", help="stable id (default: random)")
+    parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # set by `serve`
+    parser.add_argument("--max-jobs", type=int, default=0, help="exit after this many requests (0: never)")
+
+
+def settings_from_args(args: argparse.Namespace):
+    from .config import Settings
+
+    overrides: dict[str, Any] = {}
+    for name in ("data_dir", "model", "device", "weights_dir", "offload", "fp8", "compile"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    return Settings(**overrides)
+
+
+def choose_model(requested: Optional[str]) -> str:
+    if requested:
+        return requested
+    import torch
+
+    return "flux-dev" if torch.cuda.is_available() else "tiny"
+
+
+class Worker:
+    def __init__(self, settings, queue, storage, *, worker_id: Optional[str] = None,
+                 parent_pid: Optional[int] = None, pipeline=None, model_name: Optional[str] = None):
+        from .fetch import FetchPolicy
+
+        self.settings = settings
+        self.queue = queue
+        self.storage = storage
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.parent_pid = parent_pid
+        self.pipe = pipeline
+        self.model_name = model_name or ""
+        self.stop = threading.Event()
+        # A signalled worker hands its request back; one whose parent died finishes it first.
+        self.signalled = False
+        self._hb_stop = threading.Event()
+        self.policy = FetchPolicy(max_bytes=settings.max_reference_bytes,
+                                  max_pixels=settings.max_reference_pixels)
+        self._hb_thread: Optional[threading.Thread] = None
+        self.jobs_done = 0
+
+    # --- lifecycle --------------------------------------------------------------------------
+    def _register(self, state: str) -> None:
+        from .queue.base import WorkerInfo
+
+        self.queue.register_worker(WorkerInfo(
+            worker_id=self.worker_id, pid=os.getpid(), model=self.model_name,
+            random_weights=bool(getattr(self.pipe, "is_random_weights", False)),
+            device=str(getattr(self.pipe, "device", "")), state=state,
+        ))
+
+    def _heartbeat_loop(self) -> None:
+        # Runs until the worker really ends (not merely until `stop`): a worker finishing its
+        # last request after its parent died must keep its lease.
+        while not self._hb_stop.is_set():
+            try:
+                self.queue.heartbeat(self.worker_id)
+            except Exception:  # a locked database must not kill the lease thread
+                log.exception("heartbeat failed")
+            if self.parent_pid and os.getppid() != self.parent_pid:
+                # The server that started us is gone: finish what runs, then leave.
+                if not self.stop.is_set():
+                    log.warning("parent process %s is gone; stopping after the current request",
+                                self.parent_pid)
+                self.stop.set()
+            self._hb_stop.wait(self.settings.heartbeat_interval_s)
+
+    def load(self, model: Optional[str] = None) -> None:
+        self._register("loading")
+        self._start_heartbeat()
+        if self.pipe is None:
+            from .engine.pipeline import PuLIDFluxPipeline
+
+            name = choose_model(model or self.settings.model)
+            log.info("loading model %s", name)
+            self.pipe = PuLIDFluxPipeline.from_preset(
+                name, device=self.settings.device, weights_dir=self.settings.weights_dir,
+                offload=self.settings.offload, fp8=self.settings.fp8, compile=self.settings.compile,
+            )
+        self.model_name = getattr(self.pipe, "model_name", self.model_name) or "unknown"
+        self._register("ready")
+        log.info("worker %s ready with model %s", self.worker_id, self.model_name)
+
+    def _start_heartbeat(self) -> None:
+        if self._hb_thread is None:
+            self._hb_thread = threading.Thread(target=self._heartbeat_loop, daemon=True)
+            self._hb_thread.start()
+
+    def serve_forever(self, max_jobs: int = 0) -> None:
+        from .config import ENDPOINT_ID
+
+        last_sweep = 0.0
+        try:
+            while not self.stop.is_set():
+                job = self.queue.claim(self.worker_id, ENDPOINT_ID)
+                if job is None:
+                    # Sweeping here too lets deployments without `serve` recover from lost workers.
+                    if time.monotonic() - last_sweep > self.settings.stale_sweep_interval_s:
+                        last_sweep = time.monotonic()
+                        self.queue.requeue_stale(self.settings.lease_timeout_s,
+                                                 self.settings.max_attempts)
+                    self.stop.wait(self.settings.worker_poll_interval_s)
+                    continue
+                self.process(job)
+                self.jobs_done += 1
+                if max_jobs and self.jobs_done >= max_jobs:
+                    break
+        finally:
+            self.stop.set()
+            self._hb_stop.set()
+            self.queue.remove_worker(self.worker_id)
+
+    # --- one request ------------------------------------------------------------------------
+    def process(self, job) -> None:
+        from .engine.types import NoFaceError
+        from .fetch import ReferenceImageError
+
+        q = self.queue
+        q.add_log(job.id, f"generation started on worker {self.worker_id} (attempt {job.attempts})")
+        self._register("busy")
+        try:
+            output, files, inference = self._generate(job)
+        except Cancelled:
+            q.add_log(job.id, "cancelled", "WARN")
+            q.complete(job.id, worker_id=self.worker_id, status_code=400,
+                       result={"detail": "Request was cancelled", "error_type": "request_cancelled"},
+                       error="Request was cancelled", error_type="request_cancelled")
+        except ShuttingDown:
+            q.release(job.id, self.worker_id)
+        except (NoFaceError, ReferenceImageError) as exc:
+            msg = getattr(exc, "msg", None) or str(exc) or "No face was detected in the reference image"
+            type_ = getattr(exc, "type", None) or "no_face_detected"
+            q.add_log(job.id, f"invalid reference image: {msg}", "ERROR")
+            q.complete(job.id, worker_id=self.worker_id, status_code=422,
+                       result={"detail": [{"loc": ["body", "reference_image_url"], "msg": msg,
+                                           "type": type_}]},
+                       error=msg, error_type="validation_error")
+        except Exception as exc:  # noqa: BLE001 - any model failure becomes the request's error
+            log.error("request %s failed:\n%s", job.id, traceback.format_exc())
+            self._free_accelerator_memory()
+            msg = f"Generation failed: {type(exc).__name__}: {exc}"[:2000]
+            q.add_log(job.id, msg, "ERROR")
+            q.complete(job.id, worker_id=self.worker_id, status_code=500,
+                       result={"detail": msg, "error_type": "internal_error"},
+                       error=msg, error_type="internal_error")
+        else:
+            q.add_log(job.id, f"completed in {inference:.2f} s on {self.worker_id}")
+            if not q.complete(job.id, worker_id=self.worker_id, status_code=200, result=output,
+                              metrics={"inference_time": inference}, output_files=files):
+                # The request was re-queued or deleted meanwhile: our files are orphans.
+                q.add_log(job.id, f"result of {self.worker_id} discarded: the request moved on",
+                          "WARN")
+                for fid in files:
+                    self.storage.delete(fid)
+        finally:
+            self._register("ready")
+
+    @staticmethod
+    def _free_accelerator_memory() -> None:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _generate(self, job):
+        from .engine.types import GenerationRequest
+        from .fetch import ReferenceImageError, decode_image
+        from .storage.base import KIND_OUTPUT, file_ref
+
+        inp = job.input
+        internal = inp["_internal"]
+        references = []
+        for fid in internal["reference_files"]:
+            data = self.storage.read(fid)
+            if data is None:
+                raise ReferenceImageError("the reference image is no longer stored", "fetch_failed")
+            references.append(decode_image(data, self.policy))
+
+        request = GenerationRequest(
+            prompt=inp["prompt"], reference_images=references,
+            width=internal["width"], height=internal["height"],
+            num_inference_steps=inp["num_inference_steps"], seed=inp.get("seed"),
+            guidance_scale=inp["guidance_scale"], negative_prompt=inp.get("negative_prompt", ""),
+            start_step=inp["start_step"], end_step=inp.get("end_step"), true_cfg=inp["true_cfg"],
+            id_weight=inp["id_weight"], max_sequence_length=int(inp["max_sequence_length"]),
+            num_images=inp.get("num_images", 1), face_index=inp.get("face_index"),
+            enable_safety_checker=inp["enable_safety_checker"],
+        )
+
+        delay = self.settings.step_delay_s
+
+        def on_step(step: int, total: int) -> None:
+            self.queue.add_log(job.id, f"step {step}/{total}")
+            if delay:
+                time.sleep(delay)
+            if self.queue.is_cancel_requested(job.id):
+                raise Cancelled()
+            if self.signalled:
+                raise ShuttingDown()
+
+        started = time.perf_counter()
+        result = self.pipe(request, on_step=on_step)
+        inference = time.perf_counter() - started
+
+        fmt = inp.get("output_format", "jpeg")
+        images, files = [], []
+        for i, image in enumerate(result.images):
+            buf = io.BytesIO()
+            save_kwargs = {"quality": self.settings.jpeg_quality} if fmt in ("jpeg", "webp") else {}
+            image.convert("RGB").save(buf, PIL_FORMATS[fmt], **save_kwargs)
+            data = buf.getvalue()
+            name = f"{job.id[:8]}-{i}.{'jpg' if fmt == 'jpeg' else fmt}"
+            if inp.get("sync_mode"):
+                url = f"data:{CONTENT_TYPES[fmt]};base64,{base64.b64encode(data).decode()}"
+            else:
+                meta = self.storage.put(data, content_type=CONTENT_TYPES[fmt], file_name=name,
+                                        kind=KIND_OUTPUT, owner=job.owner)
+                files.append(meta.id)
+                url = file_ref(meta)
+            images.append({"url": url, "width": image.width, "height": image.height,
+                           "content_type": CONTENT_TYPES[fmt], "file_name": name,
+                           "file_size": len(data)})
+        nsfw = list(result.has_nsfw_concepts) or [False] * len(images)
+        output = {"images": images, "timings": {"inference": inference}, "seed": int(result.seed),
+                  "has_nsfw_concepts": [bool(x) for x in nsfw], "prompt": inp["prompt"]}
+        return output, files, inference
+
+
+
+def run(args: argparse.Namespace) -> int:
+    from .queue.sqlite import SQLiteQueue
+    from .storage.local import LocalStorage
+
+    settings = settings_from_args(args)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s worker %(levelname)s %(message)s")
+    queue = SQLiteQueue(settings.db_path, busy_timeout_s=settings.db_busy_timeout_s)
+    storage = LocalStorage(settings.files_dir, max_file_bytes=settings.max_upload_bytes)
+    worker = Worker(settings, queue, storage, worker_id=args.worker_id, parent_pid=args.parent_pid)
+
+    def on_signal(signum, _frame):
+        log.info("signal %s: stopping", signum)
+        worker.signalled = True
+        worker.stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        worker.load(args.model)
+    except Exception:
+        log.exception("could not load the model")
+        queue.remove_worker(worker.worker_id)
+        return 2
+    worker.serve_forever(args.max_jobs)
+    return 0

@@ -1,0 +1,366 @@
+"""Queue routes, auth, storage, proxy, metrics and docs, in-process with the queue driven by hand."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from pulid_flux.api.app import create_app
+from pulid_flux.config import Settings
+from pulid_flux.storage.base import KIND_OUTPUT, file_ref
+
+EP = "/fal-ai/flux-pulid"
+
+
+@pytest.fixture
+def api(tmp_path):
+    with TestClient(create_app(Settings(data_dir=tmp_path, local_workers=0), run_loops=False)) as c:
+        yield c
+
+
+@pytest.fixture
+def body(astronaut_uri):
+    return {"prompt": "a portrait", "reference_image_url": astronaut_uri}
+
+
+def svc(client):
+    return client.app.state.services
+
+
+def finish(client, request_id, *, status_code=200, result=None, error=None, error_type=None):
+    q = svc(client).queue
+    job = q.claim("test-worker")
+    assert job.id == request_id
+    q.add_log(job.id, "step 1/1")
+    q.complete(job.id, worker_id="test-worker", status_code=status_code, result=result,
+               error=error, error_type=error_type, metrics={"inference_time": 0.25})
+
+
+def test_submit_status_result_cycle(api, body):
+    r = api.post(EP, json=body)
+    assert r.status_code == 200
+    sub = r.json()
+    rid = sub["request_id"]
+    assert r.headers["x-fal-request-id"] == rid
+    assert sub["status"] == "IN_QUEUE" and sub["queue_position"] == 0
+    assert sub["gateway_request_id"] == rid
+    assert sub["status_url"] == f"http://testserver{EP}/requests/{rid}/status"
+    assert sub["response_url"] == f"http://testserver{EP}/requests/{rid}"
+    assert sub["cancel_url"] == f"http://testserver{EP}/requests/{rid}/cancel"
+
+    for flag, has_logs in (("0", False), ("false", False), ("1", True), ("true", True)):
+        st = api.get(f"{EP}/requests/{rid}/status", params={"logs": flag},
+                     headers={"content-type": "application/json"})
+        assert st.status_code == 202 and st.headers["content-type"] == "application/json"
+        doc = st.json()
+        assert doc["status"] == "IN_QUEUE" and doc["queue_position"] == 0 and "logs" in doc
+        assert (doc["logs"] is not None) == has_logs
+    assert api.get(f"{EP}/requests/{rid}").status_code == 400  # not done yet
+
+    meta = svc(api).storage.put(b"jpeg", content_type="image/jpeg", file_name="o.jpg",
+                                kind=KIND_OUTPUT)
+    out = {"images": [{"url": file_ref(meta), "width": 8, "height": 8, "content_type": "image/jpeg"}],
+           "timings": {"inference": 0.25}, "seed": 1, "has_nsfw_concepts": [False], "prompt": "a"}
+    finish(api, rid, result=out)
+    st = api.get(f"{EP}/requests/{rid}/status?logs=1")
+    assert st.status_code == 200
+    doc = st.json()
+    assert doc["status"] == "COMPLETED" and "error" not in doc
+    assert doc["metrics"] == {"inference_time": 0.25}
+    assert "step 1/1" in [l["message"] for l in doc["logs"]]
+    res = api.get(f"{EP}/requests/{rid}")
+    assert res.status_code == 200 and res.headers["x-fal-request-id"] == rid
+    url = res.json()["images"][0]["url"]
+    assert url == f"http://testserver/files/{meta.id}/o.jpg"
+    f = api.get(url)
+    assert f.status_code == 200 and f.content == b"jpeg" and f.headers["content-type"] == "image/jpeg"
+    assert api.put(f"{EP}/requests/{rid}/cancel").json() == {"status": "ALREADY_COMPLETED"}
+
+
+def test_failed_result_carries_status_and_error_type(api, body):
+    rid = api.post(EP, json=body).json()["request_id"]
+    detail = [{"loc": ["body", "reference_image_url"], "msg": "No face detected", "type": "no_face"}]
+    finish(api, rid, status_code=422, result={"detail": detail}, error="No face detected",
+           error_type="validation_error")
+    st = api.get(f"{EP}/requests/{rid}/status").json()
+    assert st["status"] == "COMPLETED" and st["error"] == "No face detected"
+    assert st["error_type"] == "validation_error" and st["logs"] is None
+    r = api.get(f"{EP}/requests/{rid}")
+    assert r.status_code == 422 and r.json() == {"detail": detail}
+    assert r.headers["x-fal-error-type"] == "validation_error"
+
+
+def test_cancel_queued_and_unknown(api, body):
+    rid = api.post(EP, json=body).json()["request_id"]
+    r = api.put(f"{EP}/requests/{rid}/cancel", headers={"content-type": "application/json"})
+    assert r.status_code == 202 and r.json() == {"status": "CANCELLATION_REQUESTED"}
+    st = api.get(f"{EP}/requests/{rid}/status").json()
+    assert st["status"] == "COMPLETED" and st["error_type"] == "request_cancelled"
+    assert api.get(f"{EP}/requests/{rid}").status_code == 400
+    assert api.put(f"{EP}/requests/{rid}/cancel").status_code == 400
+    assert api.put(f"{EP}/requests/nope/cancel").json() == {"status": "NOT_FOUND"}
+    assert api.get(f"{EP}/requests/nope/status").status_code == 404
+    assert api.get(f"{EP}/requests/nope").status_code == 404
+
+
+def test_priority_header_and_webhook_validation(api, body):
+    first = api.post(EP, json=body, headers={"x-fal-queue-priority": "low"}).json()
+    second = api.post(EP, json=body, headers={"X-Fal-Queue-Priority": "normal"}).json()
+    assert second["queue_position"] == 0
+    st = api.get(f"{EP}/requests/{first['request_id']}/status").json()
+    assert st["queue_position"] == 1
+    r = api.post(EP, json=body, headers={"x-fal-queue-priority": "urgent"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["header", "x-fal-queue-priority"]
+    r = api.post(EP, params={"fal_webhook": "not a url"}, json=body)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "fal_webhook"]
+    ok = api.post(EP, params={"fal_webhook": "http://127.0.0.1:9/hook"}, json=body)
+    assert svc(api).queue.get(ok.json()["request_id"]).webhook_url == "http://127.0.0.1:9/hook"
+
+
+def test_status_stream_is_incremental_and_closes(api, body):
+    rid = api.post(EP, json=body).json()["request_id"]
+    finish(api, rid, result={"ok": 1})
+    with api.stream("GET", f"{EP}/requests/{rid}/status/stream?logs=1",
+                    headers={"accept": "application/json, text/event-stream"}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1]["status"] == "COMPLETED"
+    messages = [l["message"] for e in events for l in e["logs"] or []]
+    assert messages.count("step 1/1") == 1
+
+
+def test_sync_mode_requests_are_forgotten_after_the_result(api, body):
+    rid = api.post(EP, json={**body, "sync_mode": True}).json()["request_id"]
+    finish(api, rid, result={"images": [{"url": "data:image/jpeg;base64,AA"}]})
+    assert api.get(f"{EP}/requests/{rid}").status_code == 200
+    assert api.get(f"{EP}/requests/{rid}").status_code == 404
+    assert svc(api).queue.get(rid) is None
+
+
+def test_start_timeout_header(api, body):
+    rid = api.post(EP, json=body, headers={"x-fal-request-timeout": "1"}).json()["request_id"]
+    q = svc(api).queue
+    q.get(rid)
+    time.sleep(1.05)
+    assert q.claim("w") is None
+    st = api.get(f"{EP}/requests/{rid}/status").json()
+    assert st["status"] == "COMPLETED" and st["error_type"] == "request_timeout"
+
+
+def test_health_metrics_docs(api, body):
+    h = api.get("/health").json()
+    assert h["status"] == "ok" and h["endpoint"] == "fal-ai/flux-pulid" and h["ready"] is False
+    from pulid_flux.queue.base import WorkerInfo
+
+    svc(api).queue.register_worker(WorkerInfo(worker_id="w", pid=1, model="tiny",
+                                              random_weights=True, state="ready"))
+    h = api.get("/health").json()
+    assert h["ready"] is True and h["model"] == "tiny (random weights)" and h["random_weights"]
+    api.post(EP, json=body)
+    m = api.get("/metrics")
+    assert m.status_code == 200
+    assert "pulid_flux_requests_submitted_total 1.0" in m.text
+    assert 'pulid_flux_requests{state="IN_QUEUE"} 1.0' in m.text
+    spec = api.get("/openapi.json").json()
+    schema = spec["components"]["schemas"]["FluxPulidInput"]
+    assert set(schema["required"]) == {"prompt", "reference_image_url"}
+    assert schema["properties"]["num_inference_steps"]["maximum"] == 50
+    assert schema["properties"]["max_sequence_length"]["enum"] == ["128", "256", "512"]
+    assert "/run/fal-ai/flux-pulid" in spec["paths"]
+    assert "swagger" in api.get("/docs").text.lower()
+    jwks = api.get("/.well-known/jwks.json").json()
+    assert jwks["keys"][0]["kty"] == "OKP" and jwks["keys"][0]["crv"] == "Ed25519"
+
+
+# --- storage ---------------------------------------------------------------------------------
+
+def test_storage_token_and_cdn_upload(api):
+    tok = api.post("/rest/storage/auth/token?storage_type=fal-cdn-v3", json={}).json()
+    assert tok["token_type"] == "Bearer" and tok["base_url"] == "http://testserver/cdn"
+    assert tok["expires_at"].endswith("+00:00")
+    r = api.post("/cdn/files/upload", content=b"abc",
+                 headers={"Authorization": f"Bearer {tok['token']}", "content-type": "text/plain",
+                          "x-fal-file-name": "a.txt"})
+    url = r.json()["access_url"]
+    assert url.endswith("/a.txt")
+    got = api.get(url)
+    assert got.content == b"abc" and got.headers["content-type"].startswith("text/plain")
+
+
+def test_signed_put_and_multipart(api):
+    init = api.post("/rest/storage/upload/initiate?storage_type=gcs",
+                    json={"content_type": "image/png", "file_name": "x.png"}).json()
+    assert api.get(init["file_url"]).status_code == 404  # no bytes yet
+    assert api.put(init["upload_url"].split("?")[0], content=b"1").status_code == 403
+    assert api.put(init["upload_url"].replace("sig=", "sig=0"), content=b"1").status_code == 403
+    assert api.put(init["upload_url"], content=b"png!").status_code == 200
+    assert api.get(init["file_url"]).content == b"png!"
+
+    init = api.post("/rest/storage/upload/initiate-multipart",
+                    json={"content_type": "application/octet-stream", "file_name": "big.bin"}).json()
+    path, query = init["upload_url"].split("?")
+    parts = []
+    for n, chunk in ((1, b"a" * 10), (2, b"b" * 5)):
+        r = api.put(f"{path}/{n}?{query}", content=chunk)
+        assert r.json()["partNumber"] == n and r.headers["etag"]
+        parts.append({"partNumber": n, "etag": r.json()["etag"]})
+    assert api.post(f"{path}/complete?{query}", json={"parts": parts}).status_code == 200
+    assert api.get(init["file_url"]).content == b"a" * 10 + b"b" * 5
+
+
+def test_upload_size_limit(tmp_path):
+    settings = Settings(data_dir=tmp_path, local_workers=0, max_upload_bytes=1024)
+    with TestClient(create_app(settings, run_loops=False)) as api:
+        r = api.post("/cdn/files/upload", content=b"x" * 2048)
+        assert r.status_code == 413
+        assert api.post("/cdn/files/upload", content=b"x" * 1000).status_code == 200
+
+
+# --- auth --------------------------------------------------------------------------------------
+
+@pytest.fixture
+def keyed(tmp_path):
+    settings = Settings(data_dir=tmp_path, local_workers=0, api_keys="alpha,beta")
+    with TestClient(create_app(settings, run_loops=False)) as c:
+        yield c
+
+
+A = {"Authorization": "Key alpha"}
+B = {"Authorization": "Key beta"}
+
+
+def test_every_route_but_health_needs_a_key(keyed, body):
+    assert keyed.get("/health").status_code == 200
+    r = keyed.post(EP, json={"not": "valid"})
+    assert r.status_code == 401  # refused before validation
+    assert keyed.post(EP, json=body, headers={"Authorization": "Key gamma"}).status_code == 401
+    assert keyed.post(EP, json=body, headers={"Authorization": "Bearer alpha"}).status_code == 401
+    for method, path in (("GET", "/metrics"), ("GET", "/openapi.json"), ("GET", "/docs"),
+                         ("POST", "/rest/storage/auth/token"), ("POST", "/cdn/files/upload"),
+                         ("POST", "/rest/storage/upload/initiate"), ("POST", "/run/fal-ai/flux-pulid"),
+                         ("GET", f"{EP}/requests/x/status")):
+        assert keyed.request(method, path).status_code == 401, path
+    assert keyed.get("/metrics", headers=A).status_code == 200
+
+
+def test_keys_see_only_their_requests(keyed, body):
+    rid = keyed.post(EP, json=body, headers=A).json()["request_id"]
+    assert keyed.get(f"{EP}/requests/{rid}/status", headers=A).status_code == 202
+    for method, path in (("GET", f"{EP}/requests/{rid}/status"), ("GET", f"{EP}/requests/{rid}"),
+                         ("GET", f"{EP}/requests/{rid}/status/stream"),
+                         ("PUT", f"{EP}/requests/{rid}/cancel")):
+        assert keyed.request(method, path, headers=B).status_code == 404, path
+    assert svc(keyed).queue.get(rid).state == "IN_QUEUE"  # B's cancel did nothing
+
+
+def test_file_urls_and_tokens_work_without_the_key(keyed):
+    init = keyed.post("/rest/storage/upload/initiate", headers=A,
+                      json={"content_type": "text/plain", "file_name": "t.txt"}).json()
+    assert keyed.put(init["upload_url"], content=b"hi").status_code == 200  # signed, no key
+    assert keyed.get(init["file_url"]).content == b"hi"  # unguessable URL, no key
+    tok = keyed.post("/rest/storage/auth/token", headers=A, json={}).json()["token"]
+    ok = keyed.post("/cdn/files/upload", content=b"z", headers={"Authorization": f"Bearer {tok}"})
+    assert ok.status_code == 200
+    # A CDN token is not an API key.
+    assert keyed.get(f"{EP}/requests/x/status", headers={"Authorization": f"Bearer {tok}"}).status_code == 401
+    jwt = keyed.post("/rest/tokens/", headers=A, json={"allowed_apps": ["flux-pulid"]}).json()
+    assert isinstance(jwt, str)
+    assert keyed.get(f"{EP}/requests/x/status?fal_jwt_token={jwt}").status_code == 404
+
+
+# --- proxy -------------------------------------------------------------------------------------
+
+def test_proxy_routes_on_target_url(api, body):
+    r = api.post("/api/fal/proxy", json=body,
+                 headers={"x-fal-target-url": "https://queue.fal.run/fal-ai/flux-pulid?fal_webhook=http%3A%2F%2F127.0.0.1%3A9%2Fh"})
+    assert r.status_code == 200
+    rid = r.json()["request_id"]
+    assert svc(api).queue.get(rid).webhook_url == "http://127.0.0.1:9/h"
+    st = api.get("/api/fal/proxy", headers={
+        "x-fal-target-url": f"https://queue.fal.run/fal-ai/flux-pulid/requests/{rid}/status?logs=1"})
+    assert st.status_code == 202 and st.json()["logs"] is not None
+    init = api.post("/api/fal/proxy", json={"content_type": "image/png", "file_name": "a.png"}, headers={
+        "x-fal-target-url": "https://rest.fal.ai/storage/upload/initiate?storage_type=fal-cdn-v3"})
+    assert init.status_code == 200 and "upload_url" in init.json()
+    r = api.post("/api/fal/proxy", json={}, headers={"x-fal-target-url": "https://fal.run/fal-ai/flux-pulid"})
+    assert r.status_code == 422  # reached the sync route, which validated the body
+
+
+# --- background loops ----------------------------------------------------------------------------
+
+def wait_until(pred, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_results_and_files_expire(tmp_path, body):
+    settings = Settings(data_dir=tmp_path, local_workers=0, result_ttl_s=0.5,
+                        cleanup_interval_s=0.1, upload_ttl_s=0.5)
+    with TestClient(create_app(settings)) as api:
+        rid = api.post(EP, json=body).json()["request_id"]
+        meta = svc(api).storage.put(b"j", content_type="image/jpeg", file_name="o.jpg",
+                                    kind=KIND_OUTPUT)
+        q = svc(api).queue
+        job = q.claim("w")
+        q.complete(job.id, worker_id="w", status_code=200, result={"url": file_ref(meta)},
+                   output_files=[meta.id])
+        upload = api.post("/cdn/files/upload", content=b"u").json()["access_url"]
+        assert api.get(f"{EP}/requests/{rid}").status_code == 200
+        assert wait_until(lambda: api.get(f"{EP}/requests/{rid}/status").status_code == 404)
+        assert api.get(f"/files/{meta.id}/o.jpg").status_code == 404
+        assert svc(api).storage.stat(job.input["_internal"]["reference_files"][0]) is None
+        assert wait_until(lambda: api.get(upload).status_code == 404)
+
+
+def test_reaper_requeues_requests_of_silent_workers(tmp_path, body):
+    settings = Settings(data_dir=tmp_path, local_workers=0, lease_timeout_s=0.3)
+    with TestClient(create_app(settings)) as api:
+        rid = api.post(EP, json=body).json()["request_id"]
+        svc(api).queue.claim("vanished-worker")
+        assert api.get(f"{EP}/requests/{rid}/status").json()["status"] == "IN_PROGRESS"
+        assert wait_until(lambda: api.get(f"{EP}/requests/{rid}/status").json()["status"] == "IN_QUEUE")
+        logs = api.get(f"{EP}/requests/{rid}/status?logs=1").json()["logs"]
+        assert any("queued again" in l["message"] for l in logs)
+
+
+def test_webhooks_resume_after_restart_and_are_sent_once(tmp_path, body):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    hook = f"http://127.0.0.1:{httpd.server_address[1]}/hook"
+    settings = Settings(data_dir=tmp_path, local_workers=0, webhook_poll_interval_s=0.05)
+    try:
+        # Completed while no server ran its delivery loop (e.g. the server was down).
+        with TestClient(create_app(settings, run_loops=False)) as api:
+            rid = api.post(EP, params={"fal_webhook": hook}, json=body).json()["request_id"]
+            finish(api, rid, result={"images": []})
+        assert received == []
+        with TestClient(create_app(settings)) as api:  # restart: the loop picks it up
+            assert wait_until(lambda: len(received) == 1)
+            assert wait_until(lambda: svc(api).queue.get(rid).webhook_state == "delivered")
+        assert received[0]["request_id"] == rid and received[0]["status"] == "OK"
+        with TestClient(create_app(settings)) as api:  # another restart: nothing is re-sent
+            time.sleep(0.5)
+        assert len(received) == 1
+    finally:
+        httpd.shutdown()

@@ -55,16 +55,17 @@ def transformer_inputs(width: int, height: int, txt_len: int, device, dtype, bat
     )
 
 
+def seconds(fn) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
 def seconds_per_call(fn, repeats: int) -> float:
     fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(seconds(fn) for _ in range(repeats))
 
 
 @torch.inference_mode()
@@ -77,19 +78,26 @@ def overhead(args) -> None:
     inputs = transformer_inputs(256, 256, 128, device, dtype)
     id_tokens = torch.randn(1, 32, 2048, device=device, dtype=dtype)
 
-    plain = seconds_per_call(lambda: transformer(**inputs), args.repeats)
     injector = IDInjector(transformer, pulid.pulid_ca)
-    inert = seconds_per_call(lambda: transformer(**inputs), args.repeats)
 
-    def with_id():
+    def plain_call():
+        transformer(**inputs)
+
+    def id_call():
         with injector.inject(id_tokens, 1.0):
             transformer(**inputs)
 
-    active = seconds_per_call(with_id, args.repeats)
+    # interleaved rounds, so that drift in the machine's load hits both variants alike
+    plain_call(), id_call()  # warm-up
+    rounds = [(seconds(plain_call), seconds(id_call)) for _ in range(args.repeats)]
+    plain = statistics.median(r[0] for r in rounds)
+    active = statistics.median(r[1] for r in rounds)
+    injector.remove()
+    removed = seconds_per_call(plain_call, args.repeats)
     print(f"\nPuLID overhead per denoising step on {machine()} ({dtype}), median of {args.repeats}")
     print("width 3072, 2 double + 4 single blocks, 256x256 (256 image + 128 text tokens), 2 PuLID CAs\n")
-    print(f"| transformer call | s/step | ratio to plain |\n|---|---|---|")
-    for name, s in [("plain diffusers FLUX", plain), ("PuLID hooks, no ID", inert), ("PuLID, ID active", active)]:
+    print("| transformer call | s/step | ratio to plain |\n|---|---|---|")
+    for name, s in [("plain diffusers FLUX", plain), ("PuLID, ID active", active), ("hooks removed again", removed)]:
         print(f"| {name} | {s:.3f} | {s / plain:.3f} |")
 
 

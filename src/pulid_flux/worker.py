@@ -26,6 +26,13 @@ MODEL_CHOICES = ["tiny", "flux-dev", "flux-dev-random"]
 
 log = logging.getLogger("pulid_flux.worker")
 
+RANDOM_WEIGHTS_BANNER = (
+    "\n" + "!" * 78 + "\n"
+    "!!  model %r has RANDOM WEIGHTS: it only shows that the service works.\n"
+    "!!  Its images are noise. Serve the real FLUX.1-dev + PuLID on a CUDA GPU with --model flux-dev.\n"
+    + "!" * 78
+)
+
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
@@ -47,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offload", action="store_true", default=None, help="CPU offload of FLUX parts")
     parser.add_argument("--fp8", action="store_true", default=None, help="fp8 transformer weights (CUDA)")
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the transformer")
+    parser.add_argument("--queue-url", help="redis://HOST:PORT/DB, rediss://…, sqlite:///path "
+                        "(default: embedded SQLite in the data dir)")
+    parser.add_argument("--storage-url", help="s3://BUCKET/PREFIX or file:///dir "
+                        "(default: files in the data dir)")
     parser.add_argument("--worker-id", help="stable id (default: random)")
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # set by `serve`
     parser.add_argument("--max-jobs", type=int, default=0, help="exit after this many requests (0: never)")
@@ -56,7 +67,8 @@ def settings_from_args(args: argparse.Namespace):
     from .config import Settings
 
     overrides: dict[str, Any] = {}
-    for name in ("data_dir", "model", "device", "weights_dir", "offload", "fp8", "compile"):
+    for name in ("data_dir", "model", "device", "weights_dir", "offload", "fp8", "compile",
+                 "queue_url", "storage_url"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -131,6 +143,8 @@ class Worker:
                 offload=self.settings.offload, fp8=self.settings.fp8, compile=self.settings.compile,
             )
         self.model_name = getattr(self.pipe, "model_name", self.model_name) or "unknown"
+        if getattr(self.pipe, "is_random_weights", False):
+            log.warning(RANDOM_WEIGHTS_BANNER, self.model_name)
         self._register("ready")
         log.info("worker %s ready with model %s", self.worker_id, self.model_name)
 
@@ -254,8 +268,13 @@ class Worker:
             if self.signalled:
                 raise ShuttingDown()
 
+        extra = {}
+        if inp.get("enable_previews"):
+            # Only opted-in requests pay for previews (the pipeline's latents callback).
+            extra["on_latents"] = self._preview_callback(job.id, inp, internal)
+
         started = time.perf_counter()
-        result = self.pipe(request, on_step=on_step)
+        result = self.pipe(request, on_step=on_step, **extra)
         inference = time.perf_counter() - started
 
         fmt = inp.get("output_format", "jpeg")
@@ -281,17 +300,34 @@ class Worker:
                   "has_nsfw_concepts": [bool(x) for x in nsfw], "prompt": inp["prompt"]}
         return output, files, inference
 
+    def _preview_callback(self, request_id: str, inp: dict, internal: dict):
+        from .engine.preview import PREVIEW_LOG_PREFIX, preview_data_uri
+
+        every = max(1, int(inp.get("preview_interval") or 1))
+        width, height = internal["width"], internal["height"]
+
+        def on_latents(step: int, total: int, latents) -> None:
+            if step % every or step >= total:  # the last step's image is the result itself
+                return
+            try:
+                uri = preview_data_uri(latents, width, height)
+            except Exception:  # noqa: BLE001 - a preview must never fail the request
+                log.exception("preview of %s failed", request_id)
+                return
+            self.queue.add_log(request_id, PREVIEW_LOG_PREFIX + uri, "DEBUG")
+
+        return on_latents
 
 
 def run(args: argparse.Namespace) -> int:
-    from .queue.sqlite import SQLiteQueue
-    from .storage.local import LocalStorage
+    from .queue import open_queue
+    from .storage import open_storage
 
     settings = settings_from_args(args)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s worker %(levelname)s %(message)s")
-    queue = SQLiteQueue(settings.db_path, busy_timeout_s=settings.db_busy_timeout_s)
-    storage = LocalStorage(settings.files_dir, max_file_bytes=settings.max_upload_bytes)
+    queue = open_queue(None, settings)
+    storage = open_storage(None, settings)
     worker = Worker(settings, queue, storage, worker_id=args.worker_id, parent_pid=args.parent_pid)
 
     def on_signal(signum, _frame):

@@ -132,3 +132,19 @@ def test_generate_command_writes_the_image_and_prints_the_seed(tmp_path, face):
     assert done.returncode == 0, done.stderr
     assert "seed 5" in done.stdout and "step 2/2" in done.stdout
     assert Image.open(out).size == (128, 96)
+
+
+def test_gpu_only_modes_and_unknown_models_are_refused_clearly():
+    with pytest.raises(ValueError, match="unknown model"):
+        PuLIDFluxPipeline.from_preset("flux-schnell")
+    with pytest.raises(ValueError, match="need a CUDA device"):
+        PuLIDFluxPipeline.from_preset("tiny", device="cpu", fp8=True)
+
+
+def test_flux_dev_without_weights_names_the_missing_files(tmp_path):
+    from pulid_flux.engine.download import MissingWeightsError
+
+    with pytest.raises(MissingWeightsError) as error:
+        PuLIDFluxPipeline.from_preset("flux-dev", device="cpu", weights_dir=str(tmp_path))
+    assert "pulid_flux_v0.9.1.safetensors" in str(error.value)
+    assert "pulid-flux download" in str(error.value)

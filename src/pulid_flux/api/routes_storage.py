@@ -13,7 +13,7 @@ import json
 from typing import Optional
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel
 
 from ..storage.base import KIND_UPLOAD, StorageError, StoredFile
@@ -77,7 +77,7 @@ def too_large(limit: int) -> JSONResponse:
 
 
 def _file_url(svc: Services, request: Request, meta: StoredFile) -> str:
-    return svc.base_url(request) + meta.path
+    return svc.file_url(meta.path, svc.base_url(request))
 
 
 # --- REST: tokens and initiate ---------------------------------------------------------------
@@ -148,11 +148,8 @@ async def put_upload(request: Request, file_id: str):
     return Response(status_code=200)
 
 
-@files.put("/files/multipart/{file_id}/{part_number}", include_in_schema=False)
-async def put_part(request: Request, file_id: str, part_number: int):
-    svc = services(request)
-    if not _signed(request, f"/files/multipart/{file_id}"):
-        return JSONResponse(FORBIDDEN, status_code=403)
+async def _store_part(request: Request, svc, file_id: str, part_number: int):
+    """One part of a multipart upload; both JS (JSON body) and Python (ETag header) read the answer."""
     try:
         data = await read_limited(request, svc.settings.max_upload_bytes)
         etag = await asyncio.to_thread(svc.storage.put_part, file_id, part_number, data)
@@ -161,6 +158,14 @@ async def put_part(request: Request, file_id: str, part_number: int):
     except StorageError as exc:
         return JSONResponse({"detail": str(exc)}, status_code=400)
     return JSONResponse({"partNumber": part_number, "etag": etag}, headers={"ETag": f'"{etag}"'})
+
+
+@files.put("/files/multipart/{file_id}/{part_number}", include_in_schema=False)
+async def put_part(request: Request, file_id: str, part_number: int):
+    svc = services(request)
+    if not _signed(request, f"/files/multipart/{file_id}"):
+        return JSONResponse(FORBIDDEN, status_code=403)
+    return await _store_part(request, svc, file_id, part_number)
 
 
 def _parts(payload) -> list[tuple[int, str]]:
@@ -224,14 +229,7 @@ async def cdn_put_part(request: Request, file_id: str, name: str, upload_id: str
     require_cdn_auth(request)
     if upload_id != file_id:
         return JSONResponse({"detail": "unknown upload"}, status_code=404)
-    try:
-        data = await read_limited(request, svc.settings.max_upload_bytes)
-        etag = await asyncio.to_thread(svc.storage.put_part, file_id, part_number, data)
-    except TooLarge:
-        return too_large(svc.settings.max_upload_bytes)
-    except StorageError as exc:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
-    return JSONResponse({"partNumber": part_number, "etag": etag}, headers={"ETag": f'"{etag}"'})
+    return await _store_part(request, svc, file_id, part_number)
 
 
 @files.post("/files/{file_id}/{name}/multipart/{upload_id}/complete", include_in_schema=False)
@@ -257,6 +255,10 @@ async def get_file(request: Request, file_id: str, name: str):
     svc = services(request)
     meta = await asyncio.to_thread(svc.storage.stat, file_id)
     path = await asyncio.to_thread(svc.storage.local_path, file_id) if meta else None
+    direct = getattr(svc.storage, "url_for_path", None)
+    if meta is not None and meta.complete and path is None and direct is not None:
+        # Object stores serve the bytes themselves (presigned or public URL).
+        return RedirectResponse(direct(meta.path), status_code=307)
     if meta is None or path is None:
         return JSONResponse({"detail": "File not found"}, status_code=404)
     return FileResponse(path, media_type=meta.content_type,

@@ -8,7 +8,7 @@ override the environment.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -109,6 +109,56 @@ class Settings(BaseSettings):
     )
     sse_keepalive_s: float = Field(15.0, gt=0, description="SSE comment period on quiet streams.")
 
+    # --- distributed backends (docs/deployment.md) --------------------------------------------
+    queue_url: Optional[str] = Field(
+        None, description="redis://[:password@]host:port/db, rediss://…, or sqlite:///path. "
+        "Default: the embedded SQLite queue in data_dir.",
+    )
+    storage_url: Optional[str] = Field(
+        None, description="s3://bucket/prefix or file:///dir. Default: data_dir/files."
+    )
+    redis_key_prefix: str = Field("pulid-flux:", description="Namespace of every Redis key.")
+    redis_visibility_timeout_s: Optional[float] = Field(
+        None, gt=0, description="A running request whose worker stopped renewing it this long is "
+        "taken over by another worker (XAUTOCLAIM). Default: lease_timeout_s.",
+    )
+    redis_retry_s: float = Field(
+        30.0, ge=0, description="How long Redis calls retry through a restart or failover."
+    )
+    redis_socket_timeout_s: float = Field(10.0, gt=0, description="Timeout of one Redis call.")
+    redis_consumer_prune_s: float = Field(
+        3600.0, gt=0, description="Stream consumers of workers idle this long (holding nothing) "
+        "are removed.",
+    )
+    webhook_claim_ttl_s: float = Field(
+        7200.0, gt=0, description="A replica owns a webhook delivery (all its retries) this long; "
+        "another replica takes over only after it.",
+    )
+    worker_alive_window_s: Optional[float] = Field(
+        None, gt=0, description="Workers whose last heartbeat is this recent count as alive "
+        "(/health, /metrics). Default: lease_timeout_s.",
+    )
+    s3_endpoint_url: Optional[str] = Field(
+        None, description="S3 API endpoint (MinIO, R2, GCS interop, Ceph). Default: AWS."
+    )
+    s3_region: Optional[str] = Field(None, description="S3 region. Default: boto3's.")
+    s3_access_key_id: Optional[str] = Field(
+        None, description="Default: boto3's chain (AWS_ACCESS_KEY_ID, profiles, instance roles)."
+    )
+    s3_secret_access_key: Optional[str] = None
+    s3_addressing_style: Literal["auto", "path", "virtual"] = Field(
+        "auto", description="path for MinIO/Ceph without wildcard DNS."
+    )
+    s3_presign_expiry_s: float = Field(
+        3600.0, gt=0, le=604800, description="Lifetime of presigned file URLs (SigV4: ≤ 7 days)."
+    )
+    s3_public_base_url: Optional[str] = Field(
+        None, description="Public base URL of the bucket/CDN: file URLs become BASE/<key> "
+        "instead of presigned URLs.",
+    )
+    s3_timeout_s: float = Field(30.0, gt=0, description="S3 connect/read timeout.")
+    s3_max_retries: int = Field(5, ge=0, le=20, description="S3 call retries (boto3 standard).")
+
     # --- input limits ----------------------------------------------------------------------
     max_request_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest JSON request body (data URIs included)."
@@ -168,6 +218,10 @@ class Settings(BaseSettings):
         if self.host:
             return self.host
         return "0.0.0.0" if self.api_keys else "127.0.0.1"
+
+    @property
+    def alive_window_s(self) -> float:
+        return self.worker_alive_window_s or self.lease_timeout_s
 
     @property
     def db_path(self) -> Path:

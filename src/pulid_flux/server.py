@@ -35,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--public-url", help="absolute URL clients reach this server at")
     parser.add_argument("--workers", type=int, dest="local_workers",
                         help="local worker processes to run (default 1; 0: external workers only)")
+    parser.add_argument("--no-worker", action="store_true",
+                        help="API replica only: run no local worker (same as --workers 0)")
+    parser.add_argument("--queue-url", help="redis://HOST:PORT/DB, rediss://…, sqlite:///path "
+                        "(default: embedded SQLite in the data dir)")
+    parser.add_argument("--storage-url", help="s3://BUCKET/PREFIX or file:///dir "
+                        "(default: files in the data dir)")
     parser.add_argument("--device", help="torch device for local workers")
     parser.add_argument("--weights-dir", help="flux-dev weights directory for local workers")
     parser.add_argument("--offload", action="store_true", default=None)
@@ -49,10 +55,12 @@ def settings_from_args(args: argparse.Namespace):
     overrides: dict[str, Any] = {}
     for name in ("model", "host", "port", "data_dir", "api_keys", "ssl_certfile", "ssl_keyfile",
                  "public_url", "local_workers", "device", "weights_dir", "offload", "fp8",
-                 "compile", "log_level"):
+                 "compile", "log_level", "queue_url", "storage_url"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
+    if getattr(args, "no_worker", False):
+        overrides["local_workers"] = 0
     return Settings(**overrides)
 
 
@@ -69,7 +77,8 @@ class WorkerSupervisor:
         cmd = [sys.executable, "-m", "pulid_flux.cli", "worker", "--data-dir", str(s.data_dir),
                "--worker-id", worker_id, "--parent-pid", str(os.getpid())]
         for flag, value in (("--model", s.model), ("--device", s.device),
-                            ("--weights-dir", s.weights_dir)):
+                            ("--weights-dir", s.weights_dir), ("--queue-url", s.queue_url),
+                            ("--storage-url", s.storage_url)):
             if value:
                 cmd += [flag, str(value)]
         for flag, value in (("--offload", s.offload), ("--fp8", s.fp8), ("--compile", s.compile)):

@@ -35,7 +35,13 @@ class QueueCollector:
         yield SummaryMetricFamily("pulid_flux_inference_seconds", "Generation time",
                                   count_value=stats.get("inference_count", 0),
                                   sum_value=stats.get("inference_seconds_sum", 0.0))
-        workers = self.svc.queue.workers(self.svc.settings.lease_timeout_s)
+        yield GaugeMetricFamily("pulid_flux_queue_depth", "Requests waiting for a worker",
+                                value=stats.get("state_IN_QUEUE", 0))
+        yield GaugeMetricFamily("pulid_flux_requests_in_flight", "Requests being generated",
+                                value=stats.get("state_IN_PROGRESS", 0))
+        workers = self.svc.queue.workers(self.svc.settings.alive_window_s)
+        yield GaugeMetricFamily("pulid_flux_workers_alive", "Workers with a recent heartbeat",
+                                value=len(workers))
         gauge = GaugeMetricFamily("pulid_flux_workers", "Live workers by state", labels=["state"])
         for state in ("loading", "ready", "busy"):
             gauge.add_metric([state], sum(1 for w in workers if w.state == state))

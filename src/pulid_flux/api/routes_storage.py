@@ -219,7 +219,9 @@ async def cdn_multipart(request: Request):
         file_name=request.headers.get("x-fal-file-name") or "upload.bin", kind=KIND_UPLOAD,
         owner=request.state.owner,
     )
-    return {"access_url": _file_url(svc, request, meta), "uploadId": meta.id}
+    # Always this server's URL: the parts go under it (an object store's URL would not take
+    # them); once complete, GET on it redirects to the store when files live in one.
+    return {"access_url": svc.base_url(request) + meta.path, "uploadId": meta.id}
 
 
 # Python puts the parts under the access URL: {access_url}/multipart/{uploadId}/{n}.

@@ -11,7 +11,7 @@ from fastapi import Request
 
 from ..config import ENDPOINT_ID, Settings
 from ..queue.base import COMPLETED, IN_QUEUE, Job, Queue
-from ..storage.base import FILE_ID_RE, Storage, expand_file_refs
+from ..storage.base import FILE_ID_RE, FILE_REF_PREFIX, Storage, expand_file_refs
 from .auth import Auth
 
 LOG_LEVELS = {"STDERR", "STDOUT", "ERROR", "INFO", "WARN", "DEBUG"}
@@ -50,6 +50,11 @@ class Services:
             hosts.add(request.headers["host"])
 
         def own_file(url: str) -> Optional[bytes]:
+            # URLs the store handed out (presigned, public base) are read from it directly.
+            from_store = getattr(self.storage, "file_id_from_url", None)
+            file_id = from_store(url) if from_store else None
+            if file_id:
+                return self.storage.read(file_id)
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or parts.netloc not in hosts:
                 return None
@@ -88,5 +93,23 @@ class Services:
             body["error_type"] = job.error_type
         return body
 
+    def file_url(self, path: str, base: str) -> str:
+        """URL of a stored file's ``/files/{id}/{name}`` path: the store's own URL (presigned
+        or public) when it has one, else this server's."""
+        direct = getattr(self.storage, "url_for_path", None)
+        return (direct(path) if direct else None) or base.rstrip("/") + path
+
     def result_body(self, job: Job, base: str) -> Any:
-        return expand_file_refs(job.result, base)
+        if getattr(self.storage, "url_for_path", None) is None:
+            return expand_file_refs(job.result, base)
+
+        def walk(value):
+            if isinstance(value, str) and value.startswith(FILE_REF_PREFIX):
+                return self.file_url(value[len(FILE_REF_PREFIX):], base)
+            if isinstance(value, list):
+                return [walk(v) for v in value]
+            if isinstance(value, dict):
+                return {k: walk(v) for k, v in value.items()}
+            return value
+
+        return walk(job.result)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from pathlib import Path
 from typing import Awaitable, Callable, Optional
 
 from fastapi import Depends, FastAPI, Request
@@ -18,7 +19,8 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
@@ -31,6 +33,8 @@ from .proxy import BodyLimitMiddleware, FalProxyMiddleware
 from .services import Services
 
 log = logging.getLogger("pulid_flux.api")
+
+STATIC_DIR = Path(__file__).parent / "static"
 
 BackgroundTask = Callable[[Services], Awaitable[None]]
 
@@ -49,13 +53,12 @@ def _clean_errors(errors) -> list[dict]:
 def build_services(settings: Settings, queue: Optional[Queue] = None,
                    storage: Optional[Storage] = None) -> Services:
     from ..fetch import FetchPolicy
-    from ..queue.sqlite import SQLiteQueue
-    from ..storage.local import LocalStorage
+    from ..queue import open_queue
+    from ..storage import open_storage
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    queue = queue or SQLiteQueue(settings.db_path, busy_timeout_s=settings.db_busy_timeout_s)
-    storage = storage or LocalStorage(settings.files_dir, max_file_bytes=settings.max_upload_bytes,
-                                      max_parts=settings.max_multipart_parts)
+    queue = queue or open_queue(None, settings)
+    storage = storage or open_storage(None, settings)
     policy = FetchPolicy(
         max_bytes=settings.max_reference_bytes, timeout_s=settings.fetch_timeout_s,
         max_redirects=settings.fetch_max_redirects, max_pixels=settings.max_reference_pixels,
@@ -215,9 +218,16 @@ def create_app(settings: Optional[Settings] = None, *, services: Optional[Servic
     app.include_router(routes_storage.cdn)
     app.include_router(routes_storage.files)
 
+    # The playground: a static page that uses only the public API (no auth: it holds no data).
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
     @app.get("/health", tags=["service"], summary="Liveness, model and workers (no auth)")
     async def health():
-        workers = await asyncio.to_thread(svc.queue.workers, svc.settings.lease_timeout_s)
+        workers = await asyncio.to_thread(svc.queue.workers, svc.settings.alive_window_s)
         stats = await asyncio.to_thread(svc.queue.stats)
         ready = [w for w in workers if w.state in ("ready", "busy")]
         model = ready[0] if ready else None
@@ -231,6 +241,7 @@ def create_app(settings: Optional[Settings] = None, *, services: Optional[Servic
             "ready": bool(ready),
             "workers": [{"id": w.worker_id, "state": w.state, "model": w.model,
                          "random_weights": w.random_weights, "device": w.device} for w in workers],
+            "workers_alive": len(workers),
             "queue": {"in_queue": int(stats.get("state_IN_QUEUE", 0)),
                       "in_progress": int(stats.get("state_IN_PROGRESS", 0))},
         }

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..config import ENDPOINT_ID
+from ..engine.preview import PREVIEW_LOG_PREFIX
 from ..queue.base import COMPLETED, IN_QUEUE, PRIORITIES, Job, QueueFullError
 from ..storage.base import KIND_INPUT
 from .schemas import (
@@ -151,6 +152,18 @@ def _owned_job(request: Request, request_id: str) -> Job | JSONResponse:
     return job
 
 
+def _split_previews(entries: list[dict]) -> tuple[list[dict], Optional[str]]:
+    """Preview records (only requests with enable_previews have any) leave `logs`; the newest
+    one is returned for the stream event's `preview`."""
+    logs, preview = [], None
+    for entry in entries:
+        if entry["message"].startswith(PREVIEW_LOG_PREFIX):
+            preview = entry["message"][len(PREVIEW_LOG_PREFIX):]
+        else:
+            logs.append(entry)
+    return logs, preview
+
+
 def _flag(value: Optional[str]) -> bool:
     return (value or "").strip().lower() in TRUE_FLAGS
 
@@ -191,6 +204,8 @@ async def status(request: Request, request_id: str, logs: Optional[str] = Query(
         return job
     svc = services(request)
     entries = (await asyncio.to_thread(svc.log_entries, job.id))[0] if _flag(logs) else None
+    if entries:
+        entries = _split_previews(entries)[0]
     body = await asyncio.to_thread(svc.status_body, job, svc.base_url(request), entries)
     return fal_json(body, 200 if job.state == COMPLETED else 202, job.id)
 
@@ -205,7 +220,10 @@ async def _status_events(request: Request, job: Job, with_logs: bool):
         if job is None:
             return
         entries, last_seq_new = await asyncio.to_thread(svc.log_entries, job.id, last_seq)
-        body = await asyncio.to_thread(svc.status_body, job, base, entries if with_logs else None)
+        logs, preview = _split_previews(entries)
+        body = await asyncio.to_thread(svc.status_body, job, base, logs if with_logs else None)
+        if preview is not None:
+            body["preview"] = preview
         position = body.get("queue_position")
         if entries or job.state != last_state or position != last_position:
             last_seq, last_state, last_position = last_seq_new, job.state, position
@@ -340,7 +358,10 @@ async def run_stream(request: Request, body: FluxPulidInput = Body(...)):
                 return
             if entries or current.state != last_state:
                 last_seq, last_state = last_seq_new, current.state
-                progress = svc.status_body(current, base, entries)
+                logs, preview = _split_previews(entries)
+                progress = svc.status_body(current, base, logs)
+                if preview is not None:
+                    progress["preview"] = preview
                 yield f"data: {json.dumps(progress)}\n\n"
             if time.monotonic() > deadline or await request.is_disconnected():
                 await asyncio.to_thread(svc.queue.cancel, job.id)

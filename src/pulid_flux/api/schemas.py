@@ -72,6 +72,13 @@ class FluxPulidInput(BaseModel):
     face_index: Optional[int] = Field(
         None, ge=0, le=31, description="Extension: which face of each reference, largest first."
     )
+    enable_previews: bool = Field(
+        False, description="Extension: status-stream events carry `preview`, a small JPEG data URI "
+        "approximating the image while it denoises (off: nothing is computed or sent).",
+    )
+    preview_interval: int = Field(
+        2, ge=1, le=50, description="Extension: steps between two previews (with enable_previews)."
+    )
 
 
 class OutputImage(BaseModel):
@@ -115,6 +122,10 @@ class QueueStatus(BaseModel):
     queue_position: Optional[int] = None
     error: Optional[str] = None
     error_type: Optional[str] = None
+    preview: Optional[str] = Field(
+        None, description="Extension, status stream only, when the request set enable_previews: "
+        "the latest latent preview (JPEG data URI), in the event that follows it.",
+    )
 
 
 class SubmitResponse(BaseModel):

@@ -32,6 +32,8 @@ RANDOM_SEED_BOUND = 2**53
 TIMESTEP_TO_START_CFG = 1
 
 StepCallback = Callable[[int, int], None]
+# (step, total, latents): the unpacked latents [B,16,H/8,W/8] after that step (previews).
+LatentsCallback = Callable[[int, int, torch.Tensor], None]
 
 
 @dataclass
@@ -97,7 +99,8 @@ class PuLIDFluxPipeline:
     # -- the algorithm ---------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def __call__(self, request: GenerationRequest, on_step: Optional[StepCallback] = None) -> GenerationResult:
+    def __call__(self, request: GenerationRequest, on_step: Optional[StepCallback] = None,
+                 on_latents: Optional[LatentsCallback] = None) -> GenerationResult:
         seed = request.seed if request.seed is not None else secrets.randbelow(RANDOM_SEED_BOUND)
         use_true_cfg = abs(request.true_cfg - 1.0) > 0.01
 
@@ -131,7 +134,7 @@ class PuLIDFluxPipeline:
             neg_cond=neg_cond,
             uncond_id_tokens=uncond_id_tokens,
             timestep_to_start_cfg=TIMESTEP_TO_START_CFG,
-            step_callback=(lambda i, n, _latents: on_step(i + 1, n)) if on_step else None,
+            step_callback=_step_callback(on_step, on_latents, request.height, request.width),
         )
 
         images = self.decode(unpack(latents, request.height, request.width), request.width, request.height)
@@ -177,6 +180,21 @@ class PuLIDFluxPipeline:
         # the latent grid is rounded up to 16 px: crop back to the requested size
         pixels = pixels[:, :, :height, :width].permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]
+
+
+def _step_callback(on_step: Optional[StepCallback], on_latents: Optional[LatentsCallback],
+                   height: int, width: int):
+    """The sampler's ``(index, total, packed)`` callback from the caller's 1-based ones."""
+    if on_step is None and on_latents is None:
+        return None
+
+    def callback(i: int, n: int, packed: torch.Tensor) -> None:
+        if on_step is not None:
+            on_step(i + 1, n)
+        if on_latents is not None:
+            on_latents(i + 1, n, unpack(packed, height, width))
+
+    return callback
 
 
 def timed(fn, *args, **kwargs):

@@ -105,26 +105,26 @@ def overhead(args) -> None:
 def full(args) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("the full-size benchmark needs a CUDA GPU")
+    import skimage.data
     from PIL import Image
 
     from pulid_flux.engine.pipeline import PuLIDFluxPipeline
     from pulid_flux.engine.types import GenerationRequest
 
-    rows = []
-    for mode in args.modes.split(","):
+    request = GenerationRequest(prompt="portrait, color, cinematic",
+                                reference_images=[Image.fromarray(skimage.data.astronaut())],
+                                width=1024, height=768, num_inference_steps=20, seed=0, enable_safety_checker=False)
+
+    def measure(mode: str) -> tuple[str, float, float]:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         pipe = PuLIDFluxPipeline.from_preset(
             "flux-dev-random", fp8="fp8" in mode, offload="offload" in mode, compile=args.compile
         )
-        reference = Image.fromarray(__import__("skimage.data", fromlist=["astronaut"]).astronaut())
-        request = GenerationRequest(prompt="portrait, color, cinematic", reference_images=[reference],
-                                    width=1024, height=768, num_inference_steps=20, seed=0,
-                                    enable_safety_checker=False)
-        pipe(request)  # warm-up (and compilation)
-        seconds = seconds_per_call(lambda: pipe(request), args.repeats)
-        rows.append((mode, seconds, torch.cuda.max_memory_allocated() / 2**30))
-        del pipe
+        seconds = seconds_per_call(lambda: pipe(request), args.repeats)  # the warm-up also compiles
+        return mode, seconds, torch.cuda.max_memory_allocated() / 2**30
+
+    rows = [measure(mode) for mode in args.modes.split(",")]
     print(f"\nFull-size random-weight FLUX.1-dev + PuLID on {machine()}, 1024x768, 20 steps"
           f"{' , torch.compile' if args.compile else ''}\n")
     print("| mode | s/image | peak VRAM (GiB) |\n|---|---|---|")

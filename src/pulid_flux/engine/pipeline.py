@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -196,13 +195,3 @@ def _step_callback(on_step: Optional[StepCallback], on_latents: Optional[Latents
 
     return callback
 
-
-def timed(fn, *args, **kwargs):
-    """Run ``fn`` and return (result, seconds); synchronises CUDA so the time is the GPU's too."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - start

@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 
 from .api.schemas import IMAGE_SIZE_PRESETS
+from .engine.options import MODEL_CHOICES, add_engine_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="reference face photo (a file, an http(s) URL or a data: URI); repeat to fuse several",
     )
     parser.add_argument("--out", required=True, type=Path, help="output image file (.jpg, .png, .webp)")
-    parser.add_argument("--model", default="tiny", choices=["tiny", "flux-dev"])
+    parser.add_argument("--model", default="tiny", choices=MODEL_CHOICES)
     parser.add_argument("--seed", type=int, default=None, help="default: random (printed)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--image-size", choices=sorted(IMAGE_SIZE_PRESETS), default="landscape_4_3")
@@ -34,15 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--face-index", type=int, default=None, help="which face (0 = largest)")
     parser.add_argument("--no-safety-checker", action="store_true")
     add_engine_arguments(parser)
-
-
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options that choose how the engine is loaded; shared with the worker."""
-    parser.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if present)")
-    parser.add_argument("--weights-dir", default=None, help="weights cache (default: $PULID_FLUX_WEIGHTS_DIR)")
-    parser.add_argument("--offload", action="store_true", help="model CPU offload (less VRAM, slower)")
-    parser.add_argument("--fp8", action="store_true", help="fp8 transformer weights (CUDA)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
 
 
 def engine_options(args: argparse.Namespace) -> dict:

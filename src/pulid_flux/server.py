@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Any
 
-from .worker import MODEL_CHOICES
+from .engine.options import MODEL_CHOICES, add_engine_arguments
 
 log = logging.getLogger("pulid_flux.server")
 
@@ -41,11 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: embedded SQLite in the data dir)")
     parser.add_argument("--storage-url", help="s3://BUCKET/PREFIX or file:///dir "
                         "(default: files in the data dir)")
-    parser.add_argument("--device", help="torch device for local workers")
-    parser.add_argument("--weights-dir", help="flux-dev weights directory for local workers")
-    parser.add_argument("--offload", action="store_true", default=None)
-    parser.add_argument("--fp8", action="store_true", default=None)
-    parser.add_argument("--compile", action="store_true", default=None)
+    add_engine_arguments(parser)  # for the local workers
     parser.add_argument("--log-level", help="debug, info, warning, …")
 
 

@@ -21,8 +21,8 @@ import traceback
 import uuid
 from typing import Any, Optional
 
-# The engine presets (pulid_flux.engine.presets.PRESETS), listed here to keep --help torch-free.
-MODEL_CHOICES = ["tiny", "flux-dev", "flux-dev-random"]
+from .engine.options import MODEL_CHOICES, add_engine_arguments
+
 
 log = logging.getLogger("pulid_flux.worker")
 
@@ -49,11 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="shared data directory (queue + files); env PULID_FLUX_DATA_DIR")
     parser.add_argument("--model", choices=MODEL_CHOICES,
                         help="default: flux-dev with a CUDA GPU, tiny otherwise")
-    parser.add_argument("--device", help="torch device, e.g. cuda:0 or cpu (default: cuda if present)")
-    parser.add_argument("--weights-dir", help="directory of the flux-dev weights")
-    parser.add_argument("--offload", action="store_true", default=None, help="CPU offload of FLUX parts")
-    parser.add_argument("--fp8", action="store_true", default=None, help="fp8 transformer weights (CUDA)")
-    parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the transformer")
+    add_engine_arguments(parser)
     parser.add_argument("--queue-url", help="redis://HOST:PORT/DB, rediss://…, sqlite:///path "
                         "(default: embedded SQLite in the data dir)")
     parser.add_argument("--storage-url", help="s3://BUCKET/PREFIX or file:///dir "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -41,6 +42,14 @@ class StoredFile:
     kind: str = KIND_UPLOAD
     owner: str = ""
     complete: bool = True
+
+    @classmethod
+    def new(cls, *, content_type: str, file_name: Optional[str], kind: str, owner: str, size: int = 0,
+            complete: bool = False) -> "StoredFile":
+        """A fresh record with a new unguessable id and a sanitised name."""
+        return cls(id=new_file_id(), file_name=safe_file_name(file_name),
+                   content_type=content_type or "application/octet-stream", size=size,
+                   created_at=time.time(), kind=kind, owner=owner, complete=complete)
 
     @property
     def path(self) -> str:

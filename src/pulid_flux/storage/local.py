@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -17,8 +16,6 @@ from .base import (
     Storage,
     StorageError,
     StoredFile,
-    new_file_id,
-    safe_file_name,
 )
 
 
@@ -47,11 +44,7 @@ class LocalStorage(Storage):
             raise StorageError(f"file larger than {self.max_file_bytes} bytes")
 
     def reserve(self, *, content_type, file_name, kind=KIND_UPLOAD, owner="") -> StoredFile:
-        meta = StoredFile(
-            id=new_file_id(), file_name=safe_file_name(file_name),
-            content_type=content_type or "application/octet-stream", size=0,
-            created_at=time.time(), kind=kind, owner=owner, complete=False,
-        )
+        meta = StoredFile.new(content_type=content_type, file_name=file_name, kind=kind, owner=owner)
         self._dir(meta.id).mkdir(parents=True)
         self._write_meta(meta)
         return meta

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import asdict
 from typing import Optional
 from urllib.parse import quote, unquote, urlsplit
@@ -28,8 +27,6 @@ from .base import (
     Storage,
     StorageError,
     StoredFile,
-    new_file_id,
-    safe_file_name,
 )
 
 # S3 refuses multipart parts below 5 MiB (except the last); smaller uploads are joined here.
@@ -129,11 +126,7 @@ class S3Storage(Storage):
 
     # --- Storage --------------------------------------------------------------------------
     def reserve(self, *, content_type, file_name, kind=KIND_UPLOAD, owner="") -> StoredFile:
-        meta = StoredFile(
-            id=new_file_id(), file_name=safe_file_name(file_name),
-            content_type=content_type or "application/octet-stream", size=0,
-            created_at=time.time(), kind=kind, owner=owner, complete=False,
-        )
+        meta = StoredFile.new(content_type=content_type, file_name=file_name, kind=kind, owner=owner)
         # Index first: a crash after it leaves something expiry can find and remove.
         self.s3.put_object(Bucket=self.bucket, Key=self._index_key(meta), Body=b"")
         self._write_meta(meta)
@@ -153,11 +146,7 @@ class S3Storage(Storage):
 
     def put(self, data, *, content_type, file_name, kind=KIND_UPLOAD, owner="") -> StoredFile:
         self._check_size(len(data))
-        meta = StoredFile(
-            id=new_file_id(), file_name=safe_file_name(file_name),
-            content_type=content_type or "application/octet-stream", size=len(data),
-            created_at=time.time(), kind=kind, owner=owner, complete=True,
-        )
+        meta = StoredFile.new(content_type=content_type, file_name=file_name, kind=kind, owner=owner, size=len(data), complete=True)
         self.s3.put_object(Bucket=self.bucket, Key=self._index_key(meta), Body=b"")
         self.s3.put_object(Bucket=self.bucket, Key=self._data_key(meta), Body=data,
                            ContentType=meta.content_type)

@@ -90,7 +90,7 @@ def build_flux_dev_random(options: PipelineOptions) -> PuLIDFluxPipeline:
     from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from .tiny_flux import clip_tokenizer, t5_tokenizer
+    from .tiny_flux import clip_tokenizer, flux_scheduler, t5_tokenizer
 
     device, dtype = options.resolved_device(), options.resolved_dtype()
     tokenizer, clip_vocab = clip_tokenizer()
@@ -116,7 +116,7 @@ def build_flux_dev_random(options: PipelineOptions) -> PuLIDFluxPipeline:
     finally:
         torch.set_default_dtype(previous)
     flux = FluxPipeline(
-        scheduler=build_tiny_flux().scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        scheduler=flux_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
     )
     flux.set_progress_bar_config(disable=True)

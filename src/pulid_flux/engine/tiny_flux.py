@@ -50,6 +50,11 @@ def t5_tokenizer():
     )
 
 
+def flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.1-dev's scheduler config; FluxPipeline holds one, our own loop does the stepping."""
+    return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+
+
 def build_tiny_flux(seed: int = 0) -> FluxPipeline:
     """A random-weight FluxPipeline; the same seed always gives the same weights."""
     with torch.random.fork_rng(devices=[]):
@@ -82,9 +87,8 @@ def _build() -> FluxPipeline:
         layers_per_block=1, norm_num_groups=8, scaling_factor=0.3611, shift_factor=0.1159,
         use_quant_conv=False, use_post_quant_conv=False,
     )
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
     pipe = FluxPipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        scheduler=flux_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
     )
     pipe.set_progress_bar_config(disable=True)

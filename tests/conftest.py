@@ -8,13 +8,13 @@ import base64 as _base64
 import io as _io
 import os as _os
 import signal as _signal
-import socket as _socket
 import subprocess as _subprocess
 import sys as _sys
 import time as _time
 from pathlib import Path as _Path
 
 import pytest as _pytest
+from loopback import free_port
 
 
 def _png_bytes(array) -> bytes:
@@ -44,12 +44,6 @@ def coffee_uri() -> str:
     from skimage import data
 
     return "data:image/png;base64," + _base64.b64encode(_png_bytes(data.coffee())).decode()
-
-
-def free_port() -> int:
-    with _socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LiveServer:

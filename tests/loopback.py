@@ -10,6 +10,13 @@ import ssl
 
 import pytest
 
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 @pytest.fixture(autouse=True)
 def loopback_only(monkeypatch):
     """Record every outgoing connect; refuse (and fail) any that leaves loopback."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -17,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from loopback import free_port
 
 from pulid_flux.queue.base import (
     COMPLETED,
@@ -31,12 +31,6 @@ from pulid_flux.queue.base import (
 
 EP = "fal-ai/flux-pulid"
 REDIS_BIN = shutil.which("redis-server")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:

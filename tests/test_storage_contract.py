@@ -9,23 +9,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import socket
 import time
 import uuid
 
 import httpx
 import pytest
+from loopback import free_port
 
 from pulid_flux.storage.base import KIND_INPUT, KIND_OUTPUT, KIND_UPLOAD, StorageError
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
           "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MotoS3:

@@ -100,6 +100,35 @@ def test_several_references_are_fused_by_averaging(pipe, face):
     assert np.allclose(fused.numpy(), ((one + other) / 2).numpy(), atol=1e-6)
 
 
+def test_repeated_references_reuse_their_id_embedding(face, monkeypatch):
+    cached = PuLIDFluxPipeline.from_preset("tiny", id_cache_size=2)
+    uncached = PuLIDFluxPipeline.from_preset("tiny", id_cache_size=0)
+    calls = []
+
+    def counted(p):
+        encode = p.face_encoder.encode
+
+        def spy(image, face_index=None):
+            calls.append(p)
+            return encode(image, face_index=face_index)
+        return spy
+
+    for p in (cached, uncached):
+        monkeypatch.setattr(p.face_encoder, "encode", counted(p))
+    mirrored = face.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    first = pixels(cached(request(face)))[0]
+    assert np.array_equal(pixels(cached(request(face.copy())))[0], first)  # same pixels: a hit
+    assert np.array_equal(pixels(uncached(request(face)))[0], first)
+    assert calls.count(cached) == 1
+    cached(request(face, face_index=0))  # another face choice is another entry
+    cached(request(mirrored))  # evicts the least recently used (face, None)
+    assert calls.count(cached) == 3 and len(cached._id_cache) == 2
+    cached(request(face))
+    assert calls.count(cached) == 4
+    uncached(request(face))
+    assert calls.count(uncached) == 2 and not uncached._id_cache
+
+
 def test_no_face_is_refused(pipe):
     with pytest.raises(NoFaceError):
         pipe(request(Image.fromarray(skimage.data.coffee())))

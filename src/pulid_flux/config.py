@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     offload: bool = False
     fp8: bool = False
     compile: bool = False
+    id_cache_size: int = Field(
+        16, ge=0, le=4096,
+        description="ID embeddings a worker keeps for repeated reference images (LRU); 0 disables.",
+    )
     local_workers: int = Field(1, ge=0, le=16, description="Workers `serve` starts and supervises.")
     worker_restart_backoff_max_s: float = Field(
         30.0, gt=0, description="Longest wait before restarting a worker that keeps crashing."

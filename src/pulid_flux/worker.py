@@ -137,6 +137,7 @@ class Worker:
             self.pipe = PuLIDFluxPipeline.from_preset(
                 name, device=self.settings.device, weights_dir=self.settings.weights_dir,
                 offload=self.settings.offload, fp8=self.settings.fp8, compile=self.settings.compile,
+                id_cache_size=self.settings.id_cache_size,
             )
         self.model_name = getattr(self.pipe, "model_name", self.model_name) or "unknown"
         if getattr(self.pipe, "is_random_weights", False):

@@ -7,8 +7,10 @@ injection and true CFG, VAE decoding, the safety check.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -46,6 +48,7 @@ class PipelineOptions:
     fp8: bool = False  # fp8 transformer weights (torchao), CUDA only
     compile: bool = False  # torch.compile the transformer's repeated blocks
     seed: int = 0  # tiny preset only: the random weights' seed
+    id_cache_size: int = 16  # ID embeddings kept per reference image (LRU); 0 disables
 
     def resolved_device(self) -> torch.device:
         if self.device:
@@ -70,6 +73,7 @@ class PuLIDFluxPipeline:
         is_random_weights: bool,
         device: torch.device,
         dtype: torch.dtype,
+        id_cache_size: int = 0,
     ):
         self.flux = flux
         self.transformer = flux.transformer
@@ -83,6 +87,9 @@ class PuLIDFluxPipeline:
         # Hooks stay inert unless an ID is active, so the transformer is still plain FLUX elsewhere.
         self.injector = IDInjector(self.transformer, pulid.pulid_ca)
         self._uncond_id: Optional[torch.Tensor] = None
+        # Users generate many images from one face: its embedding is computed once.
+        self.id_cache_size = id_cache_size
+        self._id_cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         if is_random_weights:
             log.warning("model %r has RANDOM weights: its images are noise, not a real model's output", model_name)
 
@@ -148,15 +155,25 @@ class PuLIDFluxPipeline:
         """ID tokens [1,32,D]; several reference photos are fused by averaging their embeddings."""
         if not references:
             raise ValueError("at least one reference image is needed")
-        embeddings = []
-        for reference in references:
-            id_cond, vit_hidden = self.face_encoder.encode(normalize_image(reference), face_index=face_index)
-            id_cond, vit_hidden = id_cond.to(self.dtype), [h.to(self.dtype) for h in vit_hidden]
-            embeddings.append(self.pulid.encode(id_cond, vit_hidden))
-            if self._uncond_id is None:
-                # the encoder's response to all-zero inputs of these shapes: a per-model constant
-                self._uncond_id = self.pulid.encode_uncond(id_cond, vit_hidden)
+        embeddings = [self._embed_face(normalize_image(reference), face_index) for reference in references]
         return torch.stack(embeddings).mean(dim=0)
+
+    def _embed_face(self, image: Image.Image, face_index: Optional[int]) -> torch.Tensor:
+        key = _image_key(image, face_index)
+        if key in self._id_cache:
+            self._id_cache.move_to_end(key)
+            return self._id_cache[key]
+        id_cond, vit_hidden = self.face_encoder.encode(image, face_index=face_index)
+        id_cond, vit_hidden = id_cond.to(self.dtype), [h.to(self.dtype) for h in vit_hidden]
+        embedding = self.pulid.encode(id_cond, vit_hidden)
+        if self._uncond_id is None:
+            # the encoder's response to all-zero inputs of these shapes: a per-model constant
+            self._uncond_id = self.pulid.encode_uncond(id_cond, vit_hidden)
+        if self.id_cache_size > 0:
+            self._id_cache[key] = embedding
+            while len(self._id_cache) > self.id_cache_size:
+                self._id_cache.popitem(last=False)
+        return embedding
 
     def uncond_identity(self) -> torch.Tensor:
         """True CFG's negative ID; set by the first :meth:`encode_identity` call."""
@@ -179,6 +196,13 @@ class PuLIDFluxPipeline:
         # the latent grid is rounded up to 16 px: crop back to the requested size
         pixels = pixels[:, :, :height, :width].permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]
+
+
+def _image_key(image: Image.Image, face_index: Optional[int]) -> bytes:
+    """Identifies a normalised reference image and the face chosen in it."""
+    digest = hashlib.blake2b(image.tobytes(), digest_size=20)
+    digest.update(f"{image.mode}:{image.size}:{face_index}".encode())
+    return digest.digest()
 
 
 def _step_callback(on_step: Optional[StepCallback], on_latents: Optional[LatentsCallback],

@@ -142,7 +142,8 @@ def _assemble(flux, pulid, face, safety, name, is_random, options: PipelineOptio
     if options.compile:
         flux.transformer.compile_repeated_blocks(fullgraph=True)
     return PuLIDFluxPipeline(flux=flux, pulid=pulid, face_encoder=face, safety_checker=safety, model_name=name,
-                             is_random_weights=is_random, device=device, dtype=dtype)
+                             is_random_weights=is_random, device=device, dtype=dtype,
+                             id_cache_size=options.id_cache_size)
 
 
 def _quantize_fp8(transformer, device: torch.device, dtype: torch.dtype) -> None:

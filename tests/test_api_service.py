@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import threading
 import time
 
 import pytest
@@ -138,6 +141,80 @@ def test_sync_mode_requests_are_forgotten_after_the_result(api, body):
     assert api.get(f"{EP}/requests/{rid}").status_code == 200
     assert api.get(f"{EP}/requests/{rid}").status_code == 404
     assert svc(api).queue.get(rid) is None
+
+
+def echo_worker(client) -> threading.Thread:
+    """Completes the next queued request with its own stored input as the result."""
+    def work():
+        q = svc(client).queue
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            job = q.claim("echo-worker")
+            if job is not None:
+                q.complete(job.id, worker_id="echo-worker", status_code=200, result=job.input)
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_run_takes_the_input_as_query_parameters(api):
+    # @fal-ai/client's method "get": URLSearchParams of the input, every value a string
+    from PIL import Image
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()).resize((128, 128)).save(buf, "JPEG")  # URLs are short
+    face = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    query = [("prompt", "a portrait"), ("reference_image_url", face), ("image_size", "square"),
+             ("num_inference_steps", "4"), ("seed", "5"), ("enable_safety_checker", "false"),
+             ("guidance_scale", "3.5"), ("reference_image_urls", face),
+             ("reference_image_urls", face), ("max_sequence_length", "256"),
+             ("negative_prompt", '["blurry"]')]
+    worker = echo_worker(api)
+    r = api.get(f"/run{EP}", params=query)
+    worker.join()
+    assert r.status_code == 200, r.text
+    stored = r.json()
+    assert (stored["num_inference_steps"], stored["seed"], stored["guidance_scale"]) == (4, 5, 3.5)
+    assert stored["enable_safety_checker"] is False and stored["max_sequence_length"] == "256"
+    assert stored["negative_prompt"] == '["blurry"]'  # text fields are never JSON-decoded
+    assert (stored["_internal"]["width"], stored["_internal"]["height"]) == (512, 512)
+    assert len(stored["_internal"]["reference_files"]) == 3
+
+    # objects and lists may come as JSON
+    worker = echo_worker(api)
+    r = api.get(f"/run{EP}", params={"prompt": "p", "reference_image_url": face,
+                                     "image_size": '{"width": 320, "height": 256}',
+                                     "reference_image_urls": json.dumps([face])})
+    worker.join()
+    assert r.status_code == 200, r.text
+    assert r.json()["image_size"] == {"width": 320, "height": 256}
+    assert len(r.json()["_internal"]["reference_files"]) == 2
+
+    # errors name the field as for a body; an object URLSearchParams flattened is one of them
+    for params, field in (({"prompt": "p", "reference_image_url": face, "guidance_scale": "25"},
+                           "guidance_scale"),
+                          ({"prompt": "p", "reference_image_url": face,
+                            "image_size": "[object Object]"}, "image_size"),
+                          ({"reference_image_url": face}, "prompt")):
+        r = api.get(f"/run{EP}", params=params)
+        assert r.status_code == 422, r.text
+        assert any(d["loc"][:2] == ["body", field] for d in r.json()["detail"]), r.json()
+    assert svc(api).queue.stats()["state_IN_QUEUE"] == 0
+
+
+def test_no_retry_and_store_io_headers(api, body):
+    q = svc(api).queue
+    for headers, cap, ephemeral in (({"x-fal-no-retry": "1"}, 1, False),
+                                    ({"x-fal-no-retry": "true"}, 1, False),
+                                    ({"x-fal-no-retry": "0"}, None, False),
+                                    ({"x-fal-store-io": "0"}, None, True),
+                                    ({"x-fal-store-io": "1"}, None, False), ({}, None, False)):
+        job = q.get(api.post(EP, json=body, headers=headers).json()["request_id"])
+        assert (job.max_attempts, job.ephemeral) == (cap, ephemeral), headers
 
 
 def test_start_timeout_header(api, body):

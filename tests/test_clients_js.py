@@ -108,6 +108,11 @@ def test_js_client(mode, live_server, node_modules, js_input):
     check_output(upload["data"])
     check_output(report["auto_blob_upload"]["data"])
 
+    run_get = report["run_get"]
+    assert "thrown" not in run_get, run_get
+    assert run_get["requestId"] and run_get["data"]["seed"] == 7
+    check_output(run_get["data"], size=(512, 512))
+
     invalid = report["invalid_input"]
     assert invalid["thrown"] == "ValidationError" and invalid["status"] == 422
     assert invalid["fieldErrors"][0]["loc"] == ["body", "guidance_scale"]

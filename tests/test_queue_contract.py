@@ -270,6 +270,23 @@ def test_release_worker_requeues_what_it_held(q):
     assert q.get(a.id).error_type == "runner_disconnected"
 
 
+def test_a_request_capped_at_one_attempt_is_not_run_again(q):
+    # x-fal-no-retry: the request's own cap wins over the server's max_attempts
+    once = q.submit(EP, {"n": 1}, max_attempts=1)
+    normal = q.submit(EP, {"n": 2})
+    assert q.get(once.id).max_attempts == 1 and q.get(normal.id).max_attempts is None
+    q.claim("w1", EP)
+    q.claim("w1", EP)
+    assert sorted(q.release_worker("w1", max_attempts=2)) == sorted([once.id, normal.id])
+    assert q.get(once.id).error_type == "runner_disconnected"
+    assert "giving up after 1 attempts" in q.logs(once.id)[-1].message
+    assert q.get(normal.id).state == IN_QUEUE
+    q.claim("w2", EP)
+    time.sleep(0.6)
+    assert q.requeue_stale(0.5, max_attempts=2) == [normal.id]
+    assert q.get(normal.id).error_type == "runner_disconnected"
+
+
 def test_start_deadline_times_out_queued_requests(q):
     late = q.submit(EP, {"n": 1}, start_deadline=time.time() - 1)
     ok = q.submit(EP, {"n": 2}, start_deadline=time.time() + 60)

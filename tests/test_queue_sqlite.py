@@ -169,3 +169,25 @@ def test_concurrent_claims_never_share_a_request(tmp_path):
     for t in threads:
         t.join()
     assert sorted(got) == sorted(ids)
+
+
+def test_a_database_of_an_older_version_gets_the_new_columns(tmp_path):
+    import sqlite3
+
+    from pulid_flux.queue.sqlite import ADDED_COLUMNS, SCHEMA
+
+    path = tmp_path / "old.sqlite3"
+    old_schema = SCHEMA
+    for name, sql_type in ADDED_COLUMNS.items():
+        old_schema = old_schema.replace(f"    {name} {sql_type},\n", "")
+    assert old_schema != SCHEMA
+    db = sqlite3.connect(path)
+    db.executescript(old_schema)
+    db.execute("INSERT INTO requests (id, endpoint, state, input, created_at) "
+               "VALUES ('old', 'ep', 'IN_QUEUE', '{}', 0)")
+    db.commit()
+    db.close()
+    q = SQLiteQueue(path)
+    assert q.get("old").max_attempts is None
+    assert q.claim("w", "ep").id == "old"
+    assert q.get(q.submit("ep", {}, max_attempts=1).id).max_attempts == 1

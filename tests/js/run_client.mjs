@@ -128,6 +128,17 @@ await step("upload", async () => {
   return { url, same: fetched.equals(bytes), data: res.data };
 });
 
+await step("run_get", async () => {
+  // method "get" sends the input as query parameters: a short file URL, a named size
+  const bytes = Buffer.from(input.png_base64, "base64");
+  const url = await fal.storage.upload(new Blob([bytes], { type: "image/png" }));
+  const res = await fal.run(APP, {
+    method: "get",
+    input: { prompt: "a portrait photo", reference_image_url: url, image_size: "square", num_inference_steps: 2, seed: 7 },
+  });
+  return { requestId: res.requestId, data: res.data };
+});
+
 await step("auto_blob_upload", async () => {
   const bytes = Buffer.from(input.png_base64, "base64");
   const res = await fal.subscribe(APP, {

@@ -25,6 +25,7 @@ from .schemas import (
     SubmitResponse,
     check_limits,
     error_detail,
+    input_from_query,
     resolve_size,
 )
 from .services import Services
@@ -127,8 +128,13 @@ async def accept(request: Request, body: FluxPulidInput, *, priority: int = 0,
     try:
         job = await asyncio.to_thread(
             svc.queue.submit, ENDPOINT_ID, stored, owner=owner, priority=priority,
-            webhook_url=webhook_url, ephemeral=body.sync_mode, start_deadline=start_deadline,
+            webhook_url=webhook_url, start_deadline=start_deadline,
+            # sync_mode and fal's "X-Fal-Store-IO: 0": the request is forgotten once its result
+            # was handed out (it has to be stored until then, to reach the worker and back)
+            ephemeral=body.sync_mode or request.headers.get("x-fal-store-io", "").strip() == "0",
             input_files=files, max_queue_length=svc.settings.max_queue_length,
+            # fal's x-fal-no-retry: a request whose worker dies is not run a second time
+            max_attempts=1 if _flag(request.headers.get("x-fal-no-retry")) else None,
         )
     except QueueFullError as exc:
         for fid in files:
@@ -317,6 +323,18 @@ def _finish_sync(svc: Services, job: Job) -> None:
              responses=VALIDATION_RESPONSES, tags=["sync"],
              summary="Run and wait for the result in one call")
 async def run_sync(request: Request, body: FluxPulidInput = Body(...)):
+    return await _run(request, body)
+
+
+@router.get(f"/run/{ENDPOINT_ID}", response_model=FluxPulidOutput,
+            responses=VALIDATION_RESPONSES, tags=["sync"],
+            summary="Run with the input as query parameters (the JS client's method \"get\")")
+async def run_sync_get(request: Request):
+    query = request.query_params
+    return await _run(request, input_from_query({k: query.getlist(k) for k in query.keys()}))
+
+
+async def _run(request: Request, body: FluxPulidInput):
     svc = services(request)
     job = await accept(request, body)
     if isinstance(job, Response):

@@ -7,9 +7,10 @@ against :class:`~pulid_flux.config.Settings` and reported in the same 422 shape.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+import json
+from typing import Any, Literal, Mapping, Optional, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..config import Settings
 
@@ -142,6 +143,45 @@ def error_detail(field: Union[str, list], msg: str, type_: str, **extra) -> dict
     """One fal/FastAPI-style validation error entry."""
     loc = ["body", *field] if isinstance(field, list) else ["body", field]
     return {"loc": loc, "msg": msg, "type": type_, **extra}
+
+
+def input_from_query(params: Mapping[str, list[str]]) -> FluxPulidInput:
+    """The input of ``GET /run/…`` (the JS client's ``method: "get"`` sends it as query
+    parameters). Objects and lists may come JSON-encoded, lists also as repeated keys; pydantic
+    turns the strings into numbers and booleans. Errors name the field like a body's would, since
+    the query carries the same input."""
+    raw: dict[str, Any] = {}
+    for name, values in params.items():
+        field = FluxPulidInput.model_fields.get(name)
+        if field is None or field.annotation is str:  # text stays text, even "[like this]"
+            raw[name] = values[-1]
+            continue
+        parsed = [_json_or_text(v) for v in values]
+        if _is_list(field.annotation):
+            raw[name] = [x for v in parsed for x in (v if isinstance(v, list) else [v])]
+        else:
+            raw[name] = parsed[-1]
+    try:
+        return FluxPulidInput.model_validate(raw)
+    except ValidationError as exc:
+        from fastapi.exceptions import RequestValidationError
+
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_input=False)]
+        ) from None
+
+
+def _is_list(annotation: Any) -> bool:
+    return get_origin(annotation) is list or any(get_origin(a) is list for a in get_args(annotation))
+
+
+def _json_or_text(text: str) -> Any:
+    if text[:1] in ("{", "["):
+        try:
+            return json.loads(text)
+        except ValueError:
+            pass
+    return text
 
 
 def resolve_size(value: Union[str, ImageSize], settings: Settings) -> tuple[int, int]:

@@ -40,6 +40,7 @@ class Job:
     started_at: Optional[float] = None
     completed_at: Optional[float] = None
     attempts: int = 0
+    max_attempts: Optional[int] = None  # a cap below the server's setting (x-fal-no-retry: 1)
     worker_id: Optional[str] = None
     cancel_requested: bool = False
     webhook_url: Optional[str] = None
@@ -91,6 +92,7 @@ class Queue(abc.ABC):
         start_deadline: Optional[float] = None,
         input_files: Optional[list[str]] = None,
         max_queue_length: Optional[int] = None,
+        max_attempts: Optional[int] = None,
     ) -> Job: ...
 
     @abc.abstractmethod
@@ -158,7 +160,9 @@ class Queue(abc.ABC):
         """A worker shutting down hands a request back; the attempt does not count."""
 
     @abc.abstractmethod
-    def requeue_stale(self, lease_timeout_s: float, max_attempts: int) -> list[str]: ...
+    def requeue_stale(self, lease_timeout_s: float, max_attempts: int) -> list[str]:
+        """Re-queues (or fails, after max_attempts or the request's own cap) requests whose
+        worker's lease ran out."""
 
     @abc.abstractmethod
     def release_worker(self, worker_id: str, max_attempts: int) -> list[str]:

@@ -106,6 +106,8 @@ end
 local function requeue(jid, reason, maxa, t)
   local jk = P .. 'job:' .. jid
   local attempts = tonumber(redis.call('HGET', jk, 'attempts') or '0')
+  local cap = tonumber(redis.call('HGET', jk, 'max_attempts') or '')
+  if cap and cap < maxa then maxa = cap end
   local holder = redis.call('HGET', jk, 'worker_id')
   if holder and holder ~= '' then redis.call('SREM', P .. 'held:' .. holder, jid) end
   if attempts >= maxa then
@@ -422,6 +424,7 @@ def _job_from_hash(jid: str, h: dict[str, str]) -> Job:
         started_at=_opt_float(h.get("started_at")),
         completed_at=_opt_float(h.get("completed_at")),
         attempts=int(h.get("attempts") or 0),
+        max_attempts=int(h["max_attempts"]) if h.get("max_attempts") else None,
         worker_id=_opt(h.get("worker_id")),
         cancel_requested=h.get("cancel_requested") == "1",
         webhook_url=_opt(h.get("webhook_url")),
@@ -492,7 +495,8 @@ class RedisQueue(Queue):
 
     # --- API side -------------------------------------------------------------------------
     def submit(self, endpoint, input, *, owner="", priority=0, webhook_url=None, ephemeral=False,
-               start_deadline=None, input_files=None, max_queue_length=None) -> Job:
+               start_deadline=None, input_files=None, max_queue_length=None,
+               max_attempts=None) -> Job:
         request_id = str(uuid.uuid4())
         fields = {
             "endpoint": endpoint, "input": json.dumps(input), "owner": owner or "",
@@ -502,6 +506,7 @@ class RedisQueue(Queue):
             "input_files": json.dumps(input_files or []), "output_files": "[]", "metrics": "{}",
             "worker_id": "", "started_at": "", "completed_at": "", "status_code": "",
             "result": "", "error": "", "error_type": "",
+            "max_attempts": "" if max_attempts is None else str(int(max_attempts)),
         }
         member = f"{max(int(priority), 0):06d}|{endpoint}"
         status, n = self._submit(args=[

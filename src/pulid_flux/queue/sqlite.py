@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS requests (
     completed_at REAL,
     start_deadline REAL,
     attempts INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER,
     worker_id TEXT,
     heartbeat_at REAL,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
@@ -81,10 +82,13 @@ CREATE TABLE IF NOT EXISTS stats (
 );
 """
 
+# Columns added after the first release, for ALTER TABLE on older databases.
+ADDED_COLUMNS = {"max_attempts": "INTEGER"}
+
 _COLUMNS = (
     "id, endpoint, state, input, owner, priority, created_at, started_at, completed_at, "
-    "attempts, worker_id, cancel_requested, webhook_url, webhook_state, ephemeral, status_code, "
-    "result, error, error_type, metrics, input_files, output_files"
+    "attempts, max_attempts, worker_id, cancel_requested, webhook_url, webhook_state, ephemeral, "
+    "status_code, result, error, error_type, metrics, input_files, output_files"
 )
 
 
@@ -100,6 +104,7 @@ def _row_to_job(row: sqlite3.Row) -> Job:
         started_at=row["started_at"],
         completed_at=row["completed_at"],
         attempts=row["attempts"],
+        max_attempts=row["max_attempts"],
         worker_id=row["worker_id"],
         cancel_requested=bool(row["cancel_requested"]),
         webhook_url=row["webhook_url"],
@@ -123,6 +128,15 @@ class SQLiteQueue(Queue):
         self._local = threading.local()
         # executescript manages its own transaction; IF NOT EXISTS makes it idempotent.
         self._db().executescript(SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """A data dir made by an older version gets the columns added since (all nullable)."""
+        db = self._db()
+        have = {r["name"] for r in db.execute("PRAGMA table_info(requests)")}
+        for name, sql_type in ADDED_COLUMNS.items():
+            if name not in have:
+                db.execute(f"ALTER TABLE requests ADD COLUMN {name} {sql_type}")
 
     # One connection per thread: sqlite3 connections are not shared across threads.
     def _db(self) -> sqlite3.Connection:
@@ -196,7 +210,8 @@ class SQLiteQueue(Queue):
 
     # --- API side -------------------------------------------------------------------------
     def submit(self, endpoint, input, *, owner="", priority=0, webhook_url=None, ephemeral=False,
-               start_deadline=None, input_files=None, max_queue_length=None) -> Job:
+               start_deadline=None, input_files=None, max_queue_length=None,
+               max_attempts=None) -> Job:
         request_id = str(uuid.uuid4())
         now = time.time()
         with self._tx() as db:
@@ -208,11 +223,12 @@ class SQLiteQueue(Queue):
                     raise QueueFullError(f"the queue is full ({waiting} waiting)")
             db.execute(
                 "INSERT INTO requests (id, endpoint, state, input, owner, priority, created_at, "
-                "start_deadline, webhook_url, ephemeral, input_files) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "start_deadline, webhook_url, ephemeral, input_files, max_attempts) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     request_id, endpoint, IN_QUEUE, json.dumps(input), owner, priority, now,
                     start_deadline, webhook_url, int(ephemeral), json.dumps(input_files or []),
+                    max_attempts,
                 ),
             )
             self._bump(db, "submitted")
@@ -393,7 +409,7 @@ class SQLiteQueue(Queue):
     def _release(self, db, rows, max_attempts: int, reason: str) -> list[str]:
         ids = []
         for r in rows:
-            if r["attempts"] >= max_attempts:
+            if r["attempts"] >= min(max_attempts, r["max_attempts"] or max_attempts):
                 self._finish(
                     db, r["id"], status_code=503,
                     result={"detail": f"Generation failed: {reason}",
@@ -428,7 +444,7 @@ class SQLiteQueue(Queue):
     def requeue_stale(self, lease_timeout_s, max_attempts):
         with self._tx() as db:
             rows = db.execute(
-                "SELECT id, attempts FROM requests WHERE state=? AND heartbeat_at<?",
+                "SELECT id, attempts, max_attempts FROM requests WHERE state=? AND heartbeat_at<?",
                 (IN_PROGRESS, time.time() - lease_timeout_s),
             ).fetchall()
             self._expire_start_deadlines(db)
@@ -437,7 +453,7 @@ class SQLiteQueue(Queue):
     def release_worker(self, worker_id, max_attempts):
         with self._tx() as db:
             rows = db.execute(
-                "SELECT id, attempts FROM requests WHERE state=? AND worker_id=?",
+                "SELECT id, attempts, max_attempts FROM requests WHERE state=? AND worker_id=?",
                 (IN_PROGRESS, worker_id),
             ).fetchall()
             db.execute("DELETE FROM workers WHERE worker_id=?", (worker_id,))

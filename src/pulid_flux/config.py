@@ -40,6 +40,14 @@ class Settings(BaseSettings):
         description="Absolute base URL clients reach this server at (file URLs, webhooks). "
         "Default: derived from each request's Host header.",
     )
+    secret_key_file: Optional[Path] = Field(
+        None, description="HMAC secret of upload URLs and tokens, created if absent; every API "
+        "replica needs the same one. Default: <data_dir>/secret.key.",
+    )
+    webhook_key_file: Optional[Path] = Field(
+        None, description="Ed25519 webhook signing key (PEM), created if absent; every API replica "
+        "needs the same one. Default: <data_dir>/webhook_ed25519.pem.",
+    )
 
     # --- HTTP server -------------------------------------------------------------------
     host: Optional[str] = Field(
@@ -237,8 +245,8 @@ class Settings(BaseSettings):
 
     @property
     def secret_path(self) -> Path:
-        return Path(self.data_dir) / "secret.key"
+        return self.secret_key_file or Path(self.data_dir) / "secret.key"
 
     @property
     def webhook_key_path(self) -> Path:
-        return Path(self.data_dir) / "webhook_ed25519.pem"
+        return self.webhook_key_file or Path(self.data_dir) / "webhook_ed25519.pem"

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -28,6 +27,8 @@ import httpx
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from .keyfile import read_or_create
 
 log = logging.getLogger(__name__)
 
@@ -74,33 +75,15 @@ class WebhookSigner:
 
     @classmethod
     def load_or_create(cls, path: Path) -> WebhookSigner:
-        """Load the PEM key at ``path``, or create it (mode 0600) if absent.
+        """Load the PEM key at ``path``, or create it (mode 0600) if absent; processes creating
+        it together all end up with the same key."""
+        def make() -> bytes:
+            return Ed25519PrivateKey.generate().private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
 
-        Creation is race-safe between processes: the key is written to a private
-        temp file and hard-linked into place, so exactly one key wins and everyone
-        loads that one.
-        """
-        path = Path(path)
-        if path.exists():
-            return cls._load(path)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".webhook-key-")  # mkstemp creates 0600
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(pem)
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return cls._load(path)
-        finally:
-            os.unlink(tmp)
-        return cls(key)
+        read_or_create(path, make)
+        return cls._load(Path(path))
 
     @classmethod
     def _load(cls, path: Path) -> WebhookSigner:

@@ -12,13 +12,14 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import secrets
 import time
 from pathlib import Path
 from typing import Optional
 
 from fastapi import HTTPException, Request
+
+from ..keyfile import read_or_create
 
 TOKEN_CDN = "cdn"
 TOKEN_CLIENT = "client"
@@ -29,20 +30,7 @@ def owner_of(key: str) -> str:
 
 
 def load_or_create_secret(path: Path) -> bytes:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        pass
-    secret = secrets.token_bytes(32)
-    # O_EXCL: two processes starting together agree on one secret.
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_bytes()
-    with os.fdopen(fd, "wb") as f:
-        f.write(secret)
-    return secret
+    return read_or_create(path, lambda: secrets.token_bytes(32))
 
 
 def _b64(data: bytes) -> str:

@@ -64,7 +64,9 @@ class LiveServer:
         return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def start(self) -> "LiveServer":
-        env = {**_os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **self.env}
+        # No warm-up unless asked for: it would add seconds to each of the many starts.
+        env = {**_os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+               "PULID_FLUX_WORKER_WARMUP": "0", **self.env}
         cmd = [_sys.executable, "-m", "pulid_flux.cli", "serve", "--port", str(self.port),
                "--data-dir", str(self.data_dir), *self.args]
         self._log = open(self.log_path, "ab")
@@ -166,6 +168,7 @@ LIVE_ENV = {
     # Short leases, so a worker that stopped renewing its lease shows up within a test.
     "PULID_FLUX_HEARTBEAT_INTERVAL_S": "0.25",
     "PULID_FLUX_LEASE_TIMEOUT_S": "4",
+    "PULID_FLUX_WORKER_WARMUP": "1",  # the default, kept on here: its workers warm up
 }
 
 

@@ -129,6 +129,22 @@ def test_repeated_references_reuse_their_id_embedding(face, monkeypatch):
     assert calls.count(uncached) == 2 and not uncached._id_cache
 
 
+def test_warm_up_runs_the_transformer_with_and_without_the_id(pipe, face):
+    fresh = PuLIDFluxPipeline.from_preset("tiny")
+    calls = {"transformer": 0, "id_attention": 0}
+
+    def count(name):
+        def hook(*_):
+            calls[name] += 1
+        return hook
+
+    fresh.transformer.register_forward_hook(count("transformer"))
+    fresh.pulid.pulid_ca[0].register_forward_hook(count("id_attention"))
+    fresh.warm_up(160, 96)
+    assert calls == {"transformer": 2, "id_attention": 1}
+    assert np.array_equal(pixels(fresh(request(face)))[0], pixels(pipe(request(face)))[0])  # no side effects
+
+
 def test_no_face_is_refused(pipe):
     with pytest.raises(NoFaceError):
         pipe(request(Image.fromarray(skimage.data.coffee())))

@@ -78,18 +78,21 @@ class Cluster:
             "PULID_FLUX_REDIS_VISIBILITY_TIMEOUT_S": "3",
             "PULID_FLUX_REDIS_RETRY_S": "60",
             "PULID_FLUX_WEBHOOK_POLL_INTERVAL_S": "0.2",
+            "PULID_FLUX_WORKER_WARMUP": "0",
+            # Replicas with data dirs of their own share their keys (upload URL signatures,
+            # webhook signing) through these two settings, as docs/deployment.md says.
+            "PULID_FLUX_SECRET_KEY_FILE": str(tmp / "keys" / "secret.key"),
+            "PULID_FLUX_WEBHOOK_KEY_FILE": str(tmp / "keys" / "webhook_ed25519.pem"),
             # One thread per worker: two workers on two cores, no oversubscription stalls.
             "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
         }
-        # Replicas share their keys (upload URL signatures, webhook signing) via one data dir.
-        self.data_dir = tmp / "shared-data"
         self.urls = ["--queue-url", self.redis.url, "--storage-url", f"s3://{self.bucket}/pf"]
         self.apis: list[tuple[Proc, str]] = []
         self.workers: list[Proc] = []
         for i in range(2):
             port = free_port()
             cmd = [sys.executable, "-m", "pulid_flux.cli", "serve", "--port", str(port),
-                   "--data-dir", str(self.data_dir), *self.urls, "--no-worker"]
+                   "--data-dir", str(tmp / f"api-data-{i}"), *self.urls, "--no-worker"]
             self.apis.append((Proc(f"api{i}", cmd, self.env, tmp), f"http://127.0.0.1:{port}"))
         for _ in range(2):
             self.add_worker()

@@ -173,6 +173,8 @@ def test_worker_command_runs_a_queued_request(tmp_path, astronaut_uri):
         assert any("by-hand" in l["message"] for l in st["logs"])
         out = api.get(f"{EP}/requests/{rid}").json()
         assert api.get(out["images"][0]["url"]).status_code == 200
-        # It said which model it ran, and left the worker table when done.
-        assert "ready with model tiny" in proc.stderr
+        # It warmed up at fal's default size before it was ready, said which model it ran,
+        # and left the worker table when done.
+        assert "warm-up at 1024x768 took" in proc.stderr
+        assert proc.stderr.index("warm-up at") < proc.stderr.index("ready with model tiny")
         assert api.app.state.services.queue.workers() == []

@@ -78,6 +78,10 @@ class Settings(BaseSettings):
         16, ge=0, le=4096,
         description="ID embeddings a worker keeps for repeated reference images (LRU); 0 disables.",
     )
+    worker_warmup: bool = Field(
+        True, description="A worker runs one 2-step generation at the default size before it "
+        "reports ready, so that the first request does not pay for compilation and lazy set-up.",
+    )
     local_workers: int = Field(1, ge=0, le=16, description="Workers `serve` starts and supervises.")
     worker_restart_backoff_max_s: float = Field(
         30.0, gt=0, description="Longest wait before restarting a worker that keeps crashing."

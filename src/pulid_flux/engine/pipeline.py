@@ -107,10 +107,15 @@ class PuLIDFluxPipeline:
     @torch.inference_mode()
     def __call__(self, request: GenerationRequest, on_step: Optional[StepCallback] = None,
                  on_latents: Optional[LatentsCallback] = None) -> GenerationResult:
+        id_tokens = self.encode_identity(request.reference_images, request.face_index)
+        return self.generate(request, id_tokens, on_step, on_latents)
+
+    @torch.inference_mode()
+    def generate(self, request: GenerationRequest, id_tokens: torch.Tensor, on_step: Optional[StepCallback] = None,
+                 on_latents: Optional[LatentsCallback] = None) -> GenerationResult:
+        """Everything after the identity step, for ID tokens [1,32,D] from :meth:`encode_identity`."""
         seed = request.seed if request.seed is not None else secrets.randbelow(RANDOM_SEED_BOUND)
         use_true_cfg = abs(request.true_cfg - 1.0) > 0.01
-
-        id_tokens = self.encode_identity(request.reference_images, request.face_index)
         uncond_id_tokens = self.uncond_identity() if use_true_cfg else None
 
         cond = self.encode_text(request.prompt, request.max_sequence_length)
@@ -148,6 +153,15 @@ class PuLIDFluxPipeline:
         if request.enable_safety_checker and self.safety_checker is not None:
             images, flags = self.safety_checker.check(images)
         return GenerationResult(images=images, seed=seed, has_nsfw_concepts=flags)
+
+    def warm_up(self, width: int, height: int) -> None:
+        """A 2-step generation at this size, the ID injected in the second step only, and the
+        safety check: torch.compile, cuDNN autotuning and lazy initialisation happen here rather
+        than in the first request. The ID tokens are zeros, as no face is at hand."""
+        id_tokens = torch.zeros(1, 32, self.pulid.pulid_encoder.output_dim, device=self.device, dtype=self.dtype)
+        request = GenerationRequest(prompt="warm-up", reference_images=[], width=width, height=height,
+                                    num_inference_steps=2, start_step=1, seed=0)
+        self.generate(request, id_tokens)
 
     # -- the steps -------------------------------------------------------------------------------
 

@@ -396,6 +396,36 @@ def test_results_and_files_expire(tmp_path, body):
         assert wait_until(lambda: api.get(upload).status_code == 404)
 
 
+def test_object_lifecycle_header_shortens_the_retention(tmp_path, body):
+    # @fal-ai/client's storageSettings: {expiresIn: "immediate"} sends 60 s; 0.4 s here
+    settings = Settings(data_dir=tmp_path, local_workers=0, result_ttl_s=3600,
+                        cleanup_interval_s=0.1)
+    header = "x-fal-object-lifecycle-preference"
+    with TestClient(create_app(settings)) as api:
+        q = svc(api).queue
+        for value, ttl in (('{"expiration_duration_seconds": 60, "initial_acl": {"default": "allow"}}', 60),
+                           ('{"expiration_duration_seconds": 86400}', None),  # capped by the server
+                           ('{"initial_acl": {"default": "hide"}}', None)):
+            job = q.get(api.post(EP, json=body, headers={header: value}).json()["request_id"])
+            assert job.ttl_s == ttl, value
+            q.delete(job.id)
+        for bad in ("not json", "[60]", '{"expiration_duration_seconds": -5}',
+                    '{"expiration_duration_seconds": "1h"}'):
+            r = api.post(EP, json=body, headers={header: bad})
+            assert r.status_code == 422, bad
+            assert r.json()["detail"][0]["loc"] == ["header", header]
+        assert q.stats()["state_IN_QUEUE"] == 0
+
+        short = api.post(EP, json=body, headers={header: '{"expiration_duration_seconds": 0.4}'})
+        plain = api.post(EP, json=body)
+        for _ in range(2):
+            job = q.claim("w")
+            q.complete(job.id, worker_id="w", status_code=200, result={})
+        short_id, plain_id = short.json()["request_id"], plain.json()["request_id"]
+        assert wait_until(lambda: api.get(f"{EP}/requests/{short_id}/status").status_code == 404)
+        assert api.get(f"{EP}/requests/{plain_id}/status").status_code == 200
+
+
 def test_reaper_requeues_requests_of_silent_workers(tmp_path, body):
     settings = Settings(data_dir=tmp_path, local_workers=0, lease_timeout_s=0.3)
     with TestClient(create_app(settings)) as api:

@@ -88,6 +88,12 @@ def test_js_client(mode, live_server, node_modules, js_input):
     assert ssr["requestId"] == ssr["submitted"]["request_id"]
     check_output(ssr["data"])
 
+    from pulid_flux.queue.sqlite import SQLiteQueue
+
+    lifecycle = report["storage_settings"]
+    assert "thrown" not in lifecycle, lifecycle
+    assert SQLiteQueue(live_server.data_dir / "queue.sqlite3").get(lifecycle["requestId"]).ttl_s == 60
+
     cancel = report["cancel_running"]
     assert cancel["status"] == "COMPLETED"
     assert cancel["error_type"] == "request_cancelled"

@@ -325,6 +325,21 @@ def test_webhooks_pending_until_delivered_and_expiry(q):
     assert q.get(hooked.id) is None
 
 
+def test_a_request_with_its_own_retention_expires_sooner(q):
+    short = q.submit(EP, {}, ttl_s=60, input_files=["s"])
+    plain = q.submit(EP, {}, input_files=["p"])
+    assert q.get(short.id).ttl_s == 60 and q.get(plain.id).ttl_s is None
+    for _ in range(2):
+        job = q.claim("w", EP)
+        q.complete(job.id, worker_id="w", status_code=200, result={})
+    done_at = q.get(short.id).completed_at
+    long_ago = done_at - 3600  # the server's own retention has not run out for either
+    assert q.expire(long_ago, now=done_at + 59) == []
+    assert q.expire(long_ago, now=done_at + 61) == ["s"]
+    assert q.get(short.id) is None and q.get(plain.id) is not None
+    assert q.expire(long_ago, now=done_at + 10**6) == []  # the plain one waits for completed_before
+
+
 def test_delete_and_deleted_counts_as_cancelled(q):
     job = q.submit(EP, {}, input_files=["a", "b"])
     q.add_log(job.id, "x")

@@ -90,6 +90,13 @@ await step("submit_status_result", async () => {
   return { submitted: sub, first: first.status, events, last: last.status, requestId: res.requestId, data: res.data };
 });
 
+await step("storage_settings", async () => {
+  // storageSettings travel as x-fal-object-lifecycle-preference; "immediate" is 60 s
+  const sub = await fal.queue.submit(APP, { input: small(), storageSettings: { expiresIn: "immediate" } });
+  await fal.queue.cancel(APP, { requestId: sub.request_id });
+  return { requestId: sub.request_id };
+});
+
 await step("cancel_running", async () => {
   const sub = await fal.queue.submit(APP, { input: small({ num_inference_steps: 50 }) });
   for (let i = 0; i < 300; i++) {

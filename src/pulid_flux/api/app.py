@@ -104,7 +104,7 @@ async def cleanup_loop(svc: Services) -> None:
     while True:
         try:
             now = time.time()
-            file_ids = await asyncio.to_thread(svc.queue.expire, now - svc.settings.result_ttl_s)
+            file_ids = await asyncio.to_thread(svc.queue.expire, now - svc.settings.result_ttl_s, now)
             for fid in file_ids:
                 await asyncio.to_thread(svc.storage.delete, fid)
             await asyncio.to_thread(svc.storage.expire, KIND_UPLOAD, now - svc.settings.upload_ttl_s)

@@ -27,6 +27,7 @@ from .schemas import (
     error_detail,
     input_from_query,
     resolve_size,
+    retention_from_header,
 )
 from .services import Services
 
@@ -40,6 +41,7 @@ def require_auth(request: Request) -> str:
 router = APIRouter(dependencies=[Depends(require_auth)])
 
 TRUE_FLAGS = {"1", "true", "yes", "on"}
+LIFECYCLE_HEADER = "x-fal-object-lifecycle-preference"  # what @fal-ai/client's storageSettings sends
 VALIDATION_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: {"description": "Invalid input: `{\"detail\": [{\"loc\": [\"body\", FIELD], \"msg\", \"type\"}]}`"},
 }
@@ -79,6 +81,10 @@ async def accept(request: Request, body: FluxPulidInput, *, priority: int = 0,
     svc = services(request)
     owner = request.state.owner  # set by require_auth
     errors = check_limits(body, svc.settings)
+    try:
+        ttl_s = retention_from_header(request.headers.get(LIFECYCLE_HEADER), svc.settings.result_ttl_s)
+    except ValueError as exc:
+        errors.append({"loc": ["header", LIFECYCLE_HEADER], "msg": str(exc), "type": "value_error"})
     if errors:
         return unprocessable(errors)
 
@@ -135,6 +141,7 @@ async def accept(request: Request, body: FluxPulidInput, *, priority: int = 0,
             input_files=files, max_queue_length=svc.settings.max_queue_length,
             # fal's x-fal-no-retry: a request whose worker dies is not run a second time
             max_attempts=1 if _flag(request.headers.get("x-fal-no-retry")) else None,
+            ttl_s=ttl_s,
         )
     except QueueFullError as exc:
         for fid in files:

@@ -184,6 +184,26 @@ def _json_or_text(text: str) -> Any:
     return text
 
 
+def retention_from_header(value: Optional[str], server_ttl_s: float) -> Optional[float]:
+    """Seconds to keep a request's result and files, from fal's object lifecycle header
+    (``{"expiration_duration_seconds": N, "initial_acl": …}``); None keeps the server's
+    ``result_ttl_s``, which also caps it: a client may shorten the retention, not extend it."""
+    if not value:
+        return None
+    try:
+        doc = json.loads(value)
+    except ValueError:
+        raise ValueError("must be a JSON object") from None
+    if not isinstance(doc, dict):
+        raise ValueError("must be a JSON object")
+    seconds = doc.get("expiration_duration_seconds")
+    if seconds is None:
+        return None
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ValueError("expiration_duration_seconds must be a positive number")
+    return float(seconds) if seconds < server_ttl_s else None
+
+
 def resolve_size(value: Union[str, ImageSize], settings: Settings) -> tuple[int, int]:
     if isinstance(value, str):
         return IMAGE_SIZE_PRESETS[value]

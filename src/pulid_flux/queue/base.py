@@ -41,6 +41,7 @@ class Job:
     completed_at: Optional[float] = None
     attempts: int = 0
     max_attempts: Optional[int] = None  # a cap below the server's setting (x-fal-no-retry: 1)
+    ttl_s: Optional[float] = None  # kept this long after completion, if sooner than the server's
     worker_id: Optional[str] = None
     cancel_requested: bool = False
     webhook_url: Optional[str] = None
@@ -93,6 +94,7 @@ class Queue(abc.ABC):
         input_files: Optional[list[str]] = None,
         max_queue_length: Optional[int] = None,
         max_attempts: Optional[int] = None,
+        ttl_s: Optional[float] = None,
     ) -> Job: ...
 
     @abc.abstractmethod
@@ -117,8 +119,9 @@ class Queue(abc.ABC):
         """Removes a request; returns the file ids it referenced."""
 
     @abc.abstractmethod
-    def expire(self, completed_before: float) -> list[str]:
-        """Deletes requests completed before the time; returns their file ids."""
+    def expire(self, completed_before: float, now: Optional[float] = None) -> list[str]:
+        """Deletes requests completed before ``completed_before``, and those whose own ``ttl_s``
+        ran out by ``now`` (default: the current time); returns their file ids."""
 
     @abc.abstractmethod
     def pending_webhooks(self, limit: int = 100) -> list[Job]: ...

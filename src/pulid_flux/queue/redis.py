@@ -80,6 +80,8 @@ local function finish(jid, f, outcome, t)
   redis.call('ZREM', P .. 'running', jid)
   redis.call('ZREM', P .. 'deadlines', jid)
   redis.call('ZADD', P .. 'completed', ts(t), jid)
+  local ttl = tonumber(redis.call('HGET', jk, 'ttl_s') or '')
+  if ttl then redis.call('ZADD', P .. 'expires', ts(t + ttl), jid) end
   if wh and wh ~= '' then redis.call('ZADD', P .. 'webhooks', ts(t), jid) end
   drop_entry(jk)
   if holder and holder ~= '' then redis.call('SREM', P .. 'held:' .. holder, jid) end
@@ -386,7 +388,7 @@ local files = {redis.call('HGET', jk, 'input_files'), redis.call('HGET', jk, 'ou
 local holder = redis.call('HGET', jk, 'worker_id')
 if holder and holder ~= '' then redis.call('SREM', P .. 'held:' .. holder, jid) end
 drop_entry(jk)
-for _, z in ipairs({'waiting', 'running', 'completed', 'deadlines', 'webhooks'}) do
+for _, z in ipairs({'waiting', 'running', 'completed', 'expires', 'deadlines', 'webhooks'}) do
   redis.call('ZREM', P .. z, jid)
 end
 redis.call('DEL', jk, P .. 'logs:' .. jid, P .. 'webhook-claim:' .. jid)
@@ -425,6 +427,7 @@ def _job_from_hash(jid: str, h: dict[str, str]) -> Job:
         completed_at=_opt_float(h.get("completed_at")),
         attempts=int(h.get("attempts") or 0),
         max_attempts=int(h["max_attempts"]) if h.get("max_attempts") else None,
+        ttl_s=_opt_float(h.get("ttl_s")),
         worker_id=_opt(h.get("worker_id")),
         cancel_requested=h.get("cancel_requested") == "1",
         webhook_url=_opt(h.get("webhook_url")),
@@ -496,7 +499,7 @@ class RedisQueue(Queue):
     # --- API side -------------------------------------------------------------------------
     def submit(self, endpoint, input, *, owner="", priority=0, webhook_url=None, ephemeral=False,
                start_deadline=None, input_files=None, max_queue_length=None,
-               max_attempts=None) -> Job:
+               max_attempts=None, ttl_s=None) -> Job:
         request_id = str(uuid.uuid4())
         fields = {
             "endpoint": endpoint, "input": json.dumps(input), "owner": owner or "",
@@ -507,6 +510,7 @@ class RedisQueue(Queue):
             "worker_id": "", "started_at": "", "completed_at": "", "status_code": "",
             "result": "", "error": "", "error_type": "",
             "max_attempts": "" if max_attempts is None else str(int(max_attempts)),
+            "ttl_s": "" if ttl_s is None else repr(float(ttl_s)),
         }
         member = f"{max(int(priority), 0):06d}|{endpoint}"
         status, n = self._submit(args=[
@@ -547,8 +551,11 @@ class RedisQueue(Queue):
             return []
         return [f for part in files if part for f in json.loads(part)]
 
-    def expire(self, completed_before) -> list[str]:
-        ids = self.r.zrangebyscore(self.k("completed"), "-inf", f"({completed_before!r}")
+    def expire(self, completed_before, now=None) -> list[str]:
+        now = time.time() if now is None else now
+        ids = list(dict.fromkeys(
+            self.r.zrangebyscore(self.k("completed"), "-inf", f"({completed_before!r}")
+            + self.r.zrangebyscore(self.k("expires"), "-inf", f"({now!r}")))
         if not ids:
             return []
         pipe = self.r.pipeline(transaction=False)

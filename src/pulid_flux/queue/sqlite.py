@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS requests (
     start_deadline REAL,
     attempts INTEGER NOT NULL DEFAULT 0,
     max_attempts INTEGER,
+    ttl_s REAL,
     worker_id TEXT,
     heartbeat_at REAL,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
@@ -83,12 +84,12 @@ CREATE TABLE IF NOT EXISTS stats (
 """
 
 # Columns added after the first release, for ALTER TABLE on older databases.
-ADDED_COLUMNS = {"max_attempts": "INTEGER"}
+ADDED_COLUMNS = {"max_attempts": "INTEGER", "ttl_s": "REAL"}
 
 _COLUMNS = (
     "id, endpoint, state, input, owner, priority, created_at, started_at, completed_at, "
-    "attempts, max_attempts, worker_id, cancel_requested, webhook_url, webhook_state, ephemeral, "
-    "status_code, result, error, error_type, metrics, input_files, output_files"
+    "attempts, max_attempts, ttl_s, worker_id, cancel_requested, webhook_url, webhook_state, "
+    "ephemeral, status_code, result, error, error_type, metrics, input_files, output_files"
 )
 
 
@@ -105,6 +106,7 @@ def _row_to_job(row: sqlite3.Row) -> Job:
         completed_at=row["completed_at"],
         attempts=row["attempts"],
         max_attempts=row["max_attempts"],
+        ttl_s=row["ttl_s"],
         worker_id=row["worker_id"],
         cancel_requested=bool(row["cancel_requested"]),
         webhook_url=row["webhook_url"],
@@ -211,7 +213,7 @@ class SQLiteQueue(Queue):
     # --- API side -------------------------------------------------------------------------
     def submit(self, endpoint, input, *, owner="", priority=0, webhook_url=None, ephemeral=False,
                start_deadline=None, input_files=None, max_queue_length=None,
-               max_attempts=None) -> Job:
+               max_attempts=None, ttl_s=None) -> Job:
         request_id = str(uuid.uuid4())
         now = time.time()
         with self._tx() as db:
@@ -223,12 +225,12 @@ class SQLiteQueue(Queue):
                     raise QueueFullError(f"the queue is full ({waiting} waiting)")
             db.execute(
                 "INSERT INTO requests (id, endpoint, state, input, owner, priority, created_at, "
-                "start_deadline, webhook_url, ephemeral, input_files, max_attempts) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "start_deadline, webhook_url, ephemeral, input_files, max_attempts, ttl_s) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     request_id, endpoint, IN_QUEUE, json.dumps(input), owner, priority, now,
                     start_deadline, webhook_url, int(ephemeral), json.dumps(input_files or []),
-                    max_attempts,
+                    max_attempts, ttl_s,
                 ),
             )
             self._bump(db, "submitted")
@@ -297,11 +299,12 @@ class SQLiteQueue(Queue):
             db.execute("DELETE FROM logs WHERE request_id=?", (request_id,))
         return json.loads(row["input_files"]) + json.loads(row["output_files"])
 
-    def expire(self, completed_before) -> list[str]:
+    def expire(self, completed_before, now=None) -> list[str]:
         # Undelivered webhooks keep their request alive until delivery ends.
         rows = self._db().execute(
-            "SELECT id FROM requests WHERE state=? AND completed_at<? AND webhook_state!=?",
-            (COMPLETED, completed_before, WEBHOOK_PENDING),
+            "SELECT id FROM requests WHERE state=? AND webhook_state!=? AND (completed_at<? "
+            "OR completed_at+ttl_s<?)",
+            (COMPLETED, WEBHOOK_PENDING, completed_before, time.time() if now is None else now),
         ).fetchall()
         files: list[str] = []
         for r in rows:

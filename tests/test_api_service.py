@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from pulid_flux.api.app import create_app
 from pulid_flux.config import Settings
+from pulid_flux.queue.base import WEBHOOK_DELIVERED
 from pulid_flux.storage.base import KIND_OUTPUT, file_ref
 
 EP = "/fal-ai/flux-pulid"
@@ -142,6 +143,19 @@ def test_sync_mode_requests_are_forgotten_after_the_result(api, body):
     assert api.get(f"{EP}/requests/{rid}").status_code == 404
     assert svc(api).queue.get(rid) is None
 
+    # With a webhook still to deliver, the request stays until the delivery ended.
+    q = svc(api).queue
+    hooked = api.post(EP, params={"fal_webhook": "http://127.0.0.1:9/hook"},
+                      json={**body, "sync_mode": True}).json()["request_id"]
+    finish(api, hooked, result={"images": [{"url": "data:image/jpeg;base64,AA"}]})
+    assert api.get(f"{EP}/requests/{hooked}").status_code == 200
+    assert [j.id for j in q.pending_webhooks()] == [hooked]
+    far_past = time.time() - 10**6
+    assert q.expire(far_past) == []  # not while the webhook is pending
+    q.set_webhook_state(hooked, WEBHOOK_DELIVERED)
+    q.expire(far_past)  # the next sweep of the cleanup
+    assert q.get(hooked) is None
+
 
 def echo_worker(client) -> threading.Thread:
     """Completes the next queued request with its own stored input as the result."""
@@ -158,6 +172,32 @@ def echo_worker(client) -> threading.Thread:
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
     return thread
+
+
+def test_run_stream_keeps_alive_and_sends_the_last_logs_before_the_output(tmp_path, body):
+    settings = Settings(data_dir=tmp_path, local_workers=0, sse_keepalive_s=0.1)
+    with TestClient(create_app(settings, run_loops=False)) as api:
+        q = svc(api).queue
+
+        def work():
+            time.sleep(0.5)  # queued and quiet for a while: keep-alive comments
+            job = q.claim("w")
+            q.add_log(job.id, "step 1/1")
+            q.add_log(job.id, "completed in 0.01 s")  # written just before completion
+            q.complete(job.id, worker_id="w", status_code=200, result={"images": []})
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        with api.stream("POST", f"/run{EP}/stream", json=body) as r:
+            text = r.read().decode()
+        thread.join()
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert ": keep-alive" in text
+    events = [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == {"images": []}  # the output comes last
+    assert {e["status"] for e in events[:-1]} <= {"IN_QUEUE", "IN_PROGRESS"}
+    logs = [entry["message"] for e in events[:-1] for entry in e.get("logs") or []]
+    assert logs[-2:] == ["step 1/1", "completed in 0.01 s"]
 
 
 def test_run_takes_the_input_as_query_parameters(api):
@@ -227,6 +267,18 @@ def test_start_timeout_header(api, body):
     assert st["status"] == "COMPLETED" and st["error_type"] == "request_timeout"
 
 
+def test_run_timeout_is_the_servers_not_the_callers(tmp_path, body):
+    settings = Settings(data_dir=tmp_path, local_workers=0, run_timeout_s=0.3)
+    with TestClient(create_app(settings, run_loops=False)) as api:
+        r = api.post(f"/run{EP}", json=body)  # no worker: it times out
+        assert r.status_code == 504 and r.json()["error_type"] == "request_timeout"
+        assert r.headers["x-fal-error-type"] == "request_timeout"
+        # only a timeout the caller set (X-Fal-Request-Timeout) is marked "user"
+        assert "x-fal-request-timeout-type" not in r.headers
+        job = svc(api).queue.get(r.headers["x-fal-request-id"])
+        assert job.cancel_requested or job.state == "COMPLETED"  # it does not run later
+
+
 def test_health_metrics_docs(api, body):
     h = api.get("/health").json()
     assert h["status"] == "ok" and h["endpoint"] == "fal-ai/flux-pulid" and h["ready"] is False
@@ -253,6 +305,22 @@ def test_health_metrics_docs(api, body):
 
 
 # --- storage ---------------------------------------------------------------------------------
+
+def test_unhandled_errors_give_fals_500_with_cors_headers(api, monkeypatch):
+    def broken(*_):
+        raise RuntimeError("database on fire")
+
+    monkeypatch.setattr(svc(api).queue, "get", broken)
+    origin = {"Origin": "https://app.example"}
+    for path, headers in ((f"{EP}/requests/x/status", {}),
+                          ("/api/fal/proxy", {"x-fal-target-url": f"https://queue.fal.run{EP}/requests/x"})):
+        r = api.get(path, headers={**origin, **headers})
+        assert r.status_code == 500
+        assert r.json() == {"detail": "Internal server error", "error_type": "internal_error"}
+        assert r.headers["x-fal-error-type"] == "internal_error"
+        assert r.headers["access-control-allow-origin"] == "*"
+    assert api.get("/health").status_code == 200
+
 
 def test_storage_token_and_cdn_upload(api):
     tok = api.post("/rest/storage/auth/token?storage_type=fal-cdn-v3", json={}).json()
@@ -460,12 +528,16 @@ def test_webhooks_resume_after_restart_and_are_sent_once(tmp_path, body):
         # Completed while no server ran its delivery loop (e.g. the server was down).
         with TestClient(create_app(settings, run_loops=False)) as api:
             rid = api.post(EP, params={"fal_webhook": hook}, json=body).json()["request_id"]
-            finish(api, rid, result={"images": []})
+            meta = svc(api).storage.put(b"j", content_type="image/jpeg", file_name="o.jpg",
+                                        kind=KIND_OUTPUT)
+            finish(api, rid, result={"images": [{"url": file_ref(meta)}]})
         assert received == []
         with TestClient(create_app(settings)) as api:  # restart: the loop picks it up
             assert wait_until(lambda: len(received) == 1)
             assert wait_until(lambda: svc(api).queue.get(rid).webhook_state == "delivered")
         assert received[0]["request_id"] == rid and received[0]["status"] == "OK"
+        # file URLs on the address the client submitted to, not the server's bind address
+        assert received[0]["payload"]["images"][0]["url"] == f"http://testserver{meta.path}"
         with TestClient(create_app(settings)) as api:  # another restart: nothing is re-sent
             time.sleep(0.5)
         assert len(received) == 1

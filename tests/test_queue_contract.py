@@ -338,6 +338,10 @@ def test_a_request_with_its_own_retention_expires_sooner(q):
     assert q.expire(long_ago, now=done_at + 61) == ["s"]
     assert q.get(short.id) is None and q.get(plain.id) is not None
     assert q.expire(long_ago, now=done_at + 10**6) == []  # the plain one waits for completed_before
+    q.set_ttl(plain.id, 5)  # shortened after completion
+    assert q.get(plain.id).ttl_s == 5
+    assert q.expire(long_ago, now=done_at + 4) == []
+    assert q.expire(long_ago, now=done_at + 6) == ["p"]
 
 
 def test_delete_and_deleted_counts_as_cancelled(q):

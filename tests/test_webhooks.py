@@ -255,6 +255,30 @@ def test_gives_up_after_max_attempts():
     assert all(d <= 3.0 for d in sleep.delays) and 1.5 <= sleep.delays[2] <= 3.0  # capped at max_delay_s
 
 
+def test_default_retries_spread_over_fals_two_hours():
+    from pulid_flux.config import Settings
+
+    s = Settings()
+
+    class Extreme(random.Random):
+        def __init__(self, upper: bool):
+            super().__init__()
+            self.upper = upper
+
+        def uniform(self, a, b):
+            return b if self.upper else a
+
+    waits = {}
+    for upper in (False, True):
+        sender = WebhookSender(WebhookSigner.generate(), max_attempts=s.webhook_max_attempts,
+                               base_delay_s=s.webhook_base_delay_s, max_delay_s=s.webhook_max_delay_s,
+                               rng=Extreme(upper))
+        waits[upper] = [sender.backoff(n) for n in range(1, s.webhook_max_attempts)]
+    assert len(waits[True]) == 10  # retries after the first try
+    assert 45 * 60 < sum(waits[False]) and sum(waits[True]) < 2 * 3600
+    assert WebhookSender(WebhookSigner.generate()).max_attempts == s.webhook_max_attempts
+
+
 def test_redirect_is_not_followed_and_counts_as_failure():
     sleep = FakeSleep()
 

@@ -219,9 +219,14 @@ class Settings(BaseSettings):
     # --- webhooks ------------------------------------------------------------------------------
     webhook_poll_interval_s: float = Field(0.5, gt=0, description="Delivery loop period.")
     webhook_concurrency: int = Field(8, ge=1, description="Webhooks delivered at once.")
-    webhook_max_attempts: int = Field(10, ge=1, le=50, description="Tries per webhook (fal: 10).")
-    webhook_base_delay_s: float = Field(1.0, gt=0, description="First retry delay; doubles.")
-    webhook_max_delay_s: float = Field(600.0, gt=0, description="Longest wait between tries.")
+    # fal: "up to 10 retries within 2 hours"; these defaults spread 10 retries over 0.9-1.7 h
+    webhook_max_attempts: int = Field(
+        11, ge=1, le=50, description="Tries per webhook, the first included."
+    )
+    webhook_base_delay_s: float = Field(
+        10.0, gt=0, description="First retry delay; doubles (jittered)."
+    )
+    webhook_max_delay_s: float = Field(1800.0, gt=0, description="Longest wait between tries.")
     webhook_timeout_s: float = Field(15.0, gt=0, description="Time allowed for one attempt.")
 
     @field_validator("api_keys", "cors_origins", "fetch_allowed_private_cidrs", mode="before")

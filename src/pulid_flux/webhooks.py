@@ -196,9 +196,9 @@ class WebhookSender:
         self,
         signer: WebhookSigner,
         *,
-        max_attempts: int = 10,  # fal: up to 10 tries
-        base_delay_s: float = 1.0,  # wait before the 2nd try; doubles each time
-        max_delay_s: float = 600.0,  # cap on one wait (10 tries fit in fal's 2-hour window)
+        max_attempts: int = 11,  # the first try and fal's "up to 10 retries"
+        base_delay_s: float = 10.0,  # wait before the 2nd try; doubles each time
+        max_delay_s: float = 1800.0,  # cap on one wait: 10 retries take 0.9-1.7 h (fal: within 2 h)
         timeout_s: float = 15.0,  # whole time allowed for one attempt (fal quotes 15 s)
         client: httpx.AsyncClient | None = None,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,

@@ -29,7 +29,7 @@ from ..queue.base import WEBHOOK_DELIVERED, WEBHOOK_FAILED, Queue
 from ..storage.base import KIND_UPLOAD, Storage
 from . import routes_queue, routes_storage
 from .auth import Auth, load_or_create_secret
-from .proxy import BodyLimitMiddleware, FalProxyMiddleware
+from .proxy import BodyLimitMiddleware, FalProxyMiddleware, InternalErrorMiddleware
 from .services import Services
 
 log = logging.getLogger("pulid_flux.api")
@@ -131,8 +131,9 @@ async def webhook_loop(svc: Services) -> None:
         try:
             async with limit:
                 ok = job.status_code is not None and 200 <= job.status_code < 300
+                base = job.input.get("_internal", {}).get("base_url") or svc.default_base_url
                 body = build_payload(
-                    job.id, ok=ok, payload=svc.result_body(job, svc.default_base_url),
+                    job.id, ok=ok, payload=svc.result_body(job, base),
                     error=None if ok else f"Invalid status code: {job.status_code}",
                 )
                 delivered = await sender.deliver(job.webhook_url, job.id, body, job.owner)
@@ -207,12 +208,6 @@ def create_app(settings: Optional[Settings] = None, *, services: Optional[Servic
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse({"detail": "Internal server error", "error_type": "internal_error"},
-                            status_code=500, headers={"x-fal-error-type": "internal_error"})
-
     app.include_router(routes_queue.router)
     app.include_router(routes_storage.rest)
     app.include_router(routes_storage.cdn)
@@ -270,7 +265,9 @@ def create_app(settings: Optional[Settings] = None, *, services: Optional[Servic
         return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title)
 
     # Outermost first: CORS answers preflights (proxy included), then the proxy re-routes,
-    # then the body cap applies to the re-routed path.
+    # then the body cap applies to the re-routed path; unhandled errors become 500s inside
+    # all of them, so they carry CORS headers too.
+    app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(FalProxyMiddleware)
     app.add_middleware(

@@ -1,4 +1,5 @@
-"""ASGI middlewares: fal's proxy convention and the request body cap.
+"""ASGI middlewares: fal's proxy convention, the request body cap, and fal's 500 for
+unhandled errors.
 
 ``/api/fal/proxy`` carries the real target in ``x-fal-target-url``. Instead of forwarding over
 HTTP, the request is re-routed inside this app (scope rewrite), so SSE keeps streaming and the
@@ -8,9 +9,12 @@ client's Authorization header is checked as usual.
 from __future__ import annotations
 
 import json
+import logging
 from urllib.parse import urlsplit
 
 from fastapi import HTTPException
+
+log = logging.getLogger(__name__)
 
 PROXY_PATH = "/api/fal/proxy"
 
@@ -24,11 +28,11 @@ HOST_PREFIXES = {
 }
 
 
-async def _send_json(send, status: int, body: dict) -> None:
+async def _send_json(send, status: int, body: dict, headers: tuple = ()) -> None:
     data = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(data)).encode())]})
+                            (b"content-length", str(len(data)).encode()), *headers]})
     await send({"type": "http.response.body", "body": data})
 
 
@@ -59,6 +63,33 @@ class FalProxyMiddleware:
         scope["raw_path"] = path.encode()
         scope["query_string"] = parts.query.encode()
         return await self.app(scope, receive, send)
+
+
+class InternalErrorMiddleware:
+    """An unhandled exception becomes fal's 500 JSON here, inside the CORS layer, so a browser
+    client gets the error (Starlette's own last-resort handler answers outside CORS)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception:
+            log.exception("unhandled error on %s", scope.get("path"))
+            if started:  # too late for a response of our own
+                raise
+            await _send_json(send, 500, {"detail": "Internal server error", "error_type": "internal_error"},
+                             ((b"x-fal-error-type", b"internal_error"),))
 
 
 class BodyLimitMiddleware:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
 from typing import Any, Optional
 
 from fastapi import APIRouter, Body, Depends, Query, Request
@@ -16,7 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..config import ENDPOINT_ID
 from ..engine.preview import PREVIEW_LOG_PREFIX
-from ..queue.base import COMPLETED, IN_QUEUE, PRIORITIES, Job, QueueFullError
+from ..queue.base import COMPLETED, IN_PROGRESS, IN_QUEUE, PRIORITIES, WEBHOOK_PENDING, Job, QueueFullError
 from ..storage.base import KIND_INPUT
 from .schemas import (
     FluxPulidInput,
@@ -52,14 +53,14 @@ def services(request: Request) -> Services:
 
 
 def fal_json(body: Any, status_code: int = 200, request_id: Optional[str] = None,
-             error_type: Optional[str] = None) -> JSONResponse:
+             error_type: Optional[str] = None, *, server_timeout: bool = False) -> JSONResponse:
     headers = {}
     if request_id:
         headers["x-fal-request-id"] = request_id
     if error_type:
         headers["x-fal-error-type"] = error_type
-        if error_type == "request_timeout":
-            # The caller's own start timeout: clients must not retry it.
+        if error_type == "request_timeout" and not server_timeout:
+            # The caller's own start timeout (X-Fal-Request-Timeout): clients must not retry it.
             headers["x-fal-request-timeout-type"] = "user"
     return JSONResponse(body, status_code=status_code, headers=headers)
 
@@ -122,7 +123,9 @@ async def accept(request: Request, body: FluxPulidInput, *, priority: int = 0,
     stored["reference_image_url"] = _summarise_url(body.reference_image_url)
     if body.reference_image_urls:
         stored["reference_image_urls"] = [_summarise_url(u) for u in body.reference_image_urls]
-    stored["_internal"] = {"width": width, "height": height, "reference_files": files}
+    # base_url: the webhook's file URLs use the address the client reached us at
+    stored["_internal"] = {"width": width, "height": height, "reference_files": files,
+                           "base_url": svc.base_url(request)}
 
     start_deadline = None
     timeout_header = request.headers.get("x-fal-request-timeout")
@@ -276,8 +279,11 @@ async def result(request: Request, request_id: str):
     if job.state != COMPLETED:
         return fal_json({"detail": "Request is still in progress"}, 400, job.id)
     body = svc.result_body(job, svc.base_url(request))
-    if job.ephemeral:
-        # sync_mode: no history is kept once the result was handed out.
+    if job.ephemeral and job.webhook_state == WEBHOOK_PENDING:
+        # Its webhook still has to go out: the cleanup deletes the request after delivery.
+        await asyncio.to_thread(svc.queue.set_ttl, job.id, 0)
+    elif job.ephemeral:
+        # sync_mode, X-Fal-Store-IO: 0: no history is kept once the result was handed out.
         files = await asyncio.to_thread(svc.queue.delete, job.id)
         for fid in files:
             svc.storage.delete(fid)
@@ -347,9 +353,9 @@ async def _run(request: Request, body: FluxPulidInput):
     if isinstance(job, Response):
         return job
     done = await _wait(request, job)
-    if done is None:
+    if done is None:  # run_timeout_s ran out: the server's limit, not the caller's
         return fal_json({"detail": "Request timed out", "error_type": "request_timeout"}, 504,
-                        job.id, error_type="request_timeout")
+                        job.id, error_type="request_timeout", server_timeout=True)
     out = svc.result_body(done, svc.base_url(request))
     await asyncio.to_thread(_finish_sync, svc, done)
     return fal_json(out, done.status_code or 200, done.id,
@@ -366,13 +372,27 @@ async def run_stream(request: Request, body: FluxPulidInput = Body(...)):
     base = svc.base_url(request)
 
     async def events():
-        last_seq, last_state = 0, None
+        last_seq, last_state, last_sent = 0, None, time.monotonic()
         deadline = time.monotonic() + svc.settings.run_timeout_s
         while True:
             current = await asyncio.to_thread(svc.queue.get, job.id)
             if current is None:
                 return
             entries, last_seq_new = await asyncio.to_thread(svc.log_entries, job.id, last_seq)
+            # Progress on new logs or a new state. Progress events are only ever IN_QUEUE or
+            # IN_PROGRESS: log lines that arrive with the end were written while it ran, and
+            # come in one more IN_PROGRESS event before the output.
+            if entries or (current.state != last_state and current.state != COMPLETED):
+                last_seq, last_state, last_sent = last_seq_new, current.state, time.monotonic()
+                logs, preview = _split_previews(entries)
+                running = replace(current, state=IN_PROGRESS) if current.state == COMPLETED else current
+                progress = svc.status_body(running, base, logs)
+                if preview is not None:
+                    progress["preview"] = preview
+                yield f"data: {json.dumps(progress)}\n\n"
+            elif time.monotonic() - last_sent > svc.settings.sse_keepalive_s:
+                last_sent = time.monotonic()
+                yield ": keep-alive\n\n"
             if current.state == COMPLETED:
                 out = svc.result_body(current, base)
                 if current.error is not None:
@@ -381,13 +401,6 @@ async def run_stream(request: Request, body: FluxPulidInput = Body(...)):
                 await asyncio.to_thread(_finish_sync, svc, current)
                 yield f"data: {json.dumps(out)}\n\n"
                 return
-            if entries or current.state != last_state:
-                last_seq, last_state = last_seq_new, current.state
-                logs, preview = _split_previews(entries)
-                progress = svc.status_body(current, base, logs)
-                if preview is not None:
-                    progress["preview"] = preview
-                yield f"data: {json.dumps(progress)}\n\n"
             if time.monotonic() > deadline or await request.is_disconnected():
                 await asyncio.to_thread(svc.queue.cancel, job.id)
                 return

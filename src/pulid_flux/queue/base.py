@@ -130,6 +130,11 @@ class Queue(abc.ABC):
     def set_webhook_state(self, request_id: str, state: str) -> None: ...
 
     @abc.abstractmethod
+    def set_ttl(self, request_id: str, ttl_s: float) -> None:
+        """A completed request is kept only ``ttl_s`` after its completion from now on (the
+        cleanup deletes it then, as soon as its webhook is no longer pending)."""
+
+    @abc.abstractmethod
     def stats(self) -> dict[str, float]: ...
 
     # --- worker side ----------------------------------------------------------------------

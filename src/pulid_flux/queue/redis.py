@@ -395,6 +395,18 @@ redis.call('DEL', jk, P .. 'logs:' .. jid, P .. 'webhook-claim:' .. jid)
 return files
 """
 
+# ARGV: prefix, id, ttl_s
+_SET_TTL = r"""
+local jk = ARGV[1] .. 'job:' .. ARGV[2]
+if redis.call('EXISTS', jk) == 0 then return 0 end
+redis.call('HSET', jk, 'ttl_s', ARGV[3])
+local done = tonumber(redis.call('HGET', jk, 'completed_at') or '')
+if done then
+  redis.call('ZADD', ARGV[1] .. 'expires', string.format('%.6f', done + tonumber(ARGV[3])), ARGV[2])
+end
+return 1
+"""
+
 # ARGV: prefix, id, timestamp, level, message
 _ADD_LOG = r"""
 local P = ARGV[1]
@@ -486,6 +498,7 @@ class RedisQueue(Queue):
         self._cancel = reg(_CANCEL)
         self._delete = reg(_DELETE)
         self._add_log = reg(_ADD_LOG)
+        self._set_ttl = reg(_SET_TTL)
 
     def k(self, name: str) -> str:
         return self.prefix + name
@@ -586,6 +599,9 @@ class RedisQueue(Queue):
                 continue
             out.append(job)
         return out
+
+    def set_ttl(self, request_id, ttl_s):
+        self._set_ttl(args=[self.prefix, request_id, repr(float(ttl_s))])
 
     def set_webhook_state(self, request_id, state):
         key = self.k(f"job:{request_id}")

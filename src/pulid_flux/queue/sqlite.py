@@ -319,6 +319,10 @@ class SQLiteQueue(Queue):
         ).fetchall()
         return [_row_to_job(r) for r in rows]
 
+    def set_ttl(self, request_id, ttl_s):
+        with self._tx() as db:
+            db.execute("UPDATE requests SET ttl_s=? WHERE id=?", (float(ttl_s), request_id))
+
     def set_webhook_state(self, request_id, state):
         with self._tx() as db:
             db.execute("UPDATE requests SET webhook_state=? WHERE id=?", (state, request_id))

@@ -146,6 +146,27 @@ def test_serve_forever_and_registration(env, astronaut_uri):
     assert all(w.worker_id != worker.worker_id for w in svc.queue.workers())
 
 
+def test_a_failed_warm_up_does_not_stop_the_worker(tmp_path, monkeypatch, caplog):
+    from pulid_flux.engine.pipeline import PuLIDFluxPipeline
+
+    def out_of_memory(self, width, height):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(PuLIDFluxPipeline, "warm_up", out_of_memory)
+    settings = Settings(data_dir=tmp_path, local_workers=0, heartbeat_interval_s=0.2)
+    with TestClient(create_app(settings, run_loops=False)) as api:
+        svc = api.app.state.services
+        worker = Worker(settings, svc.queue, svc.storage, worker_id="oom-w")
+        try:
+            with caplog.at_level("ERROR", logger="pulid_flux.worker"):
+                worker.load("tiny")
+            assert [(w.worker_id, w.state) for w in svc.queue.workers()] == [("oom-w", "ready")]
+            assert "warm-up at 1024x768 failed; serving without it" in caplog.text
+        finally:
+            worker.stop.set()
+            worker._hb_stop.set()
+
+
 def test_default_model_follows_cuda():
     import torch
 

@@ -153,7 +153,12 @@ class Worker:
         # fal's default size: what most requests ask for, and what torch.compile specialises on
         width, height = IMAGE_SIZE_PRESETS[FluxPulidInput.model_fields["image_size"].default]
         started = time.perf_counter()
-        self.pipe.warm_up(width, height)
+        try:
+            self.pipe.warm_up(width, height)
+        except Exception:  # noqa: BLE001 - e.g. OOM at this size: smaller requests may still fit
+            log.exception("warm-up at %dx%d failed; serving without it", width, height)
+            self._free_accelerator_memory()
+            return
         log.info("warm-up at %dx%d took %.1f s", width, height, time.perf_counter() - started)
 
     def _start_heartbeat(self) -> None:

@@ -17,7 +17,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..config import ENDPOINT_ID
 from ..engine.preview import PREVIEW_LOG_PREFIX
-from ..queue.base import COMPLETED, IN_PROGRESS, IN_QUEUE, PRIORITIES, WEBHOOK_PENDING, Job, QueueFullError
+from ..queue.base import (
+    COMPLETED, IN_PROGRESS, IN_QUEUE, PRIORITIES, WEBHOOK_PENDING, Job, QueueFullError,
+)
 from ..storage.base import KIND_INPUT
 from .schemas import (
     FluxPulidInput,

@@ -494,6 +494,25 @@ def test_object_lifecycle_header_shortens_the_retention(tmp_path, body):
         assert api.get(f"{EP}/requests/{plain_id}/status").status_code == 200
 
 
+def test_upload_lifecycle_header_shortens_the_uploads_retention(tmp_path):
+    settings = Settings(data_dir=tmp_path, local_workers=0, cleanup_interval_s=0.1)
+    with TestClient(create_app(settings)) as api:
+        short = api.post("/cdn/files/upload", content=b"s", headers={
+            "x-fal-object-lifecycle": '{"expiration_duration_seconds": 0.3}'}).json()["access_url"]
+        plain = api.post("/cdn/files/upload", content=b"p").json()["access_url"]
+        initiated = api.post("/rest/storage/upload/initiate", json={"file_name": "i.png"}, headers={
+            "x-fal-object-lifecycle": '{"expiration_duration_seconds": 600}'}).json()
+        file_id = initiated["file_url"].split("/files/")[1].split("/")[0]
+        assert 590 < svc(api).storage.stat(file_id).expires_at - time.time() <= 600
+        assert wait_until(lambda: api.get(short).status_code == 404)
+        assert api.get(plain).status_code == 200
+        for path, payload in (("/cdn/files/upload", {"content": b"x"}),
+                              ("/rest/storage/upload/initiate", {"json": {"file_name": "x"}})):
+            r = api.post(path, headers={"x-fal-object-lifecycle": "soon"}, **payload)
+            assert r.status_code == 422
+            assert r.json()["detail"][0]["loc"] == ["header", "x-fal-object-lifecycle"]
+
+
 def test_reaper_requeues_requests_of_silent_workers(tmp_path, body):
     settings = Settings(data_dir=tmp_path, local_workers=0, lease_timeout_s=0.3)
     with TestClient(create_app(settings)) as api:

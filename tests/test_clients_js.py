@@ -114,6 +114,14 @@ def test_js_client(mode, live_server, node_modules, js_input):
     check_output(upload["data"])
     check_output(report["auto_blob_upload"]["data"])
 
+    from pulid_flux.storage.local import LocalStorage
+
+    upload_lifecycle = report["upload_lifecycle"]
+    assert "thrown" not in upload_lifecycle, upload_lifecycle
+    file_id = upload_lifecycle["url"].split("/files/")[1].split("/")[0]
+    stored = LocalStorage(live_server.data_dir / "files").stat(file_id)
+    assert 3590 < stored.expires_at - stored.created_at <= 3600  # "1h", sooner than upload_ttl_s
+
     run_get = report["run_get"]
     assert "thrown" not in run_get, run_get
     assert run_get["requestId"] and run_get["data"]["seed"] == 7

@@ -173,6 +173,24 @@ def test_expire_by_kind_and_age(st):
     assert st.expire(KIND_UPLOAD, cutoff) == 0
 
 
+def test_files_with_their_own_expiry_go_sooner(st):
+    now = time.time()
+    soon = st.put(b"1", content_type="a/b", file_name="s", kind=KIND_UPLOAD, expires_at=now + 60)
+    reserved = st.reserve(content_type="a/b", file_name="r", kind=KIND_UPLOAD, expires_at=now + 120)
+    plain = st.put(b"2", content_type="a/b", file_name="p", kind=KIND_UPLOAD)
+    output = st.put(b"3", content_type="a/b", file_name="o", kind=KIND_OUTPUT, expires_at=now + 1)
+    assert st.stat(soon.id).expires_at == now + 60
+    long_ago = now - 3600  # the kind's own retention has not run out for any of them
+    assert st.expire(KIND_UPLOAD, long_ago, now=now + 59) == 0
+    assert st.expire(KIND_UPLOAD, long_ago, now=now + 61) == 1
+    assert st.stat(soon.id) is None and st.stat(reserved.id) is not None
+    assert st.expire(KIND_UPLOAD, long_ago, now=now + 121) == 1
+    assert st.stat(reserved.id) is None
+    assert st.read(plain.id) == b"2" and st.read(output.id) == b"3"  # other kinds wait for theirs
+    assert st.expire(KIND_OUTPUT, long_ago, now=now + 2) == 1
+    assert st.expire(KIND_UPLOAD, time.time() + 1) == 1  # the plain one, by age
+
+
 def test_s3_urls_are_presigned_or_public_and_resolve_back(moto_s3):
     from pulid_flux.storage.s3 import S3Storage
 

@@ -135,6 +135,12 @@ await step("upload", async () => {
   return { url, same: fetched.equals(bytes), data: res.data };
 });
 
+await step("upload_lifecycle", async () => {
+  const bytes = Buffer.from(input.png_base64, "base64");
+  const url = await fal.storage.upload(new Blob([bytes], { type: "image/png" }), { lifecycle: { expiresIn: "1h" } });
+  return { url };
+});
+
 await step("run_get", async () => {
   // method "get" sends the input as query parameters: a short file URL, a named size
   const bytes = Buffer.from(input.png_base64, "base64");

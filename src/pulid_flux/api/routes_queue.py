@@ -22,6 +22,7 @@ from ..queue.base import (
 )
 from ..storage.base import KIND_INPUT
 from .schemas import (
+    LIFECYCLE_PREFERENCE_HEADER,
     FluxPulidInput,
     FluxPulidOutput,
     QueueStatus,
@@ -44,7 +45,6 @@ def require_auth(request: Request) -> str:
 router = APIRouter(dependencies=[Depends(require_auth)])
 
 TRUE_FLAGS = {"1", "true", "yes", "on"}
-LIFECYCLE_HEADER = "x-fal-object-lifecycle-preference"  # what @fal-ai/client's storageSettings sends
 VALIDATION_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: {"description": "Invalid input: `{\"detail\": [{\"loc\": [\"body\", FIELD], \"msg\", \"type\"}]}`"},
 }
@@ -85,9 +85,11 @@ async def accept(request: Request, body: FluxPulidInput, *, priority: int = 0,
     owner = request.state.owner  # set by require_auth
     errors = check_limits(body, svc.settings)
     try:
-        ttl_s = retention_from_header(request.headers.get(LIFECYCLE_HEADER), svc.settings.result_ttl_s)
+        ttl_s = retention_from_header(request.headers.get(LIFECYCLE_PREFERENCE_HEADER),
+                                      svc.settings.result_ttl_s)
     except ValueError as exc:
-        errors.append({"loc": ["header", LIFECYCLE_HEADER], "msg": str(exc), "type": "value_error"})
+        errors.append({"loc": ["header", LIFECYCLE_PREFERENCE_HEADER], "msg": str(exc),
+                       "type": "value_error"})
     if errors:
         return unprocessable(errors)
 

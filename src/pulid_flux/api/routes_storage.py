@@ -10,14 +10,17 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import time
 from typing import Optional
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel
 
 from ..storage.base import KIND_UPLOAD, StorageError, StoredFile
 from .auth import TOKEN_CDN, TOKEN_CLIENT
+from .schemas import LIFECYCLE_HEADER, LIFECYCLE_PREFERENCE_HEADER, retention_from_header
 from .services import Services
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
@@ -57,6 +60,20 @@ class TokenBody(BaseModel):
 
 class TooLarge(Exception):
     pass
+
+
+def upload_expiry(request: Request) -> Optional[float]:
+    """When the upload is to be deleted, if its lifecycle header asks for sooner than the
+    server's ``upload_ttl_s``."""
+    for name in (LIFECYCLE_HEADER, LIFECYCLE_PREFERENCE_HEADER):
+        if value := request.headers.get(name):
+            try:
+                ttl = retention_from_header(value, services(request).settings.upload_ttl_s)
+            except ValueError as exc:
+                raise RequestValidationError(
+                    [{"loc": ("header", name), "msg": str(exc), "type": "value_error"}]) from None
+            return None if ttl is None else time.time() + ttl
+    return None
 
 
 async def read_limited(request: Request, limit: int) -> bytes:
@@ -106,6 +123,7 @@ async def _initiate(request: Request, body: Optional[InitiateBody], multipart: b
     meta = await asyncio.to_thread(
         svc.storage.reserve, content_type=body.content_type or DEFAULT_CONTENT_TYPE,
         file_name=body.file_name or "upload.bin", kind=KIND_UPLOAD, owner=request.state.owner,
+        expires_at=upload_expiry(request),
     )
     path = f"/files/{'multipart' if multipart else 'upload'}/{meta.id}"
     query = svc.auth.sign_path(path, svc.settings.upload_url_ttl_s)
@@ -197,6 +215,7 @@ async def complete_multipart(request: Request, file_id: str):
 @cdn.post("/files/upload")
 async def cdn_upload(request: Request):
     svc = services(request)
+    expires_at = upload_expiry(request)  # a bad header is refused before the body is read
     try:
         data = await read_limited(request, svc.settings.max_upload_bytes)
     except TooLarge:
@@ -205,7 +224,7 @@ async def cdn_upload(request: Request):
         svc.storage.put, data,
         content_type=request.headers.get("content-type") or DEFAULT_CONTENT_TYPE,
         file_name=request.headers.get("x-fal-file-name") or "upload.bin", kind=KIND_UPLOAD,
-        owner=request.state.owner,
+        owner=request.state.owner, expires_at=expires_at,
     )
     return {"access_url": _file_url(svc, request, meta)}
 
@@ -217,7 +236,7 @@ async def cdn_multipart(request: Request):
         svc.storage.reserve,
         content_type=request.headers.get("content-type") or DEFAULT_CONTENT_TYPE,
         file_name=request.headers.get("x-fal-file-name") or "upload.bin", kind=KIND_UPLOAD,
-        owner=request.state.owner,
+        owner=request.state.owner, expires_at=upload_expiry(request),
     )
     # Always this server's URL: the parts go under it (an object store's URL would not take
     # them); once complete, GET on it redirects to the store when files live in one.

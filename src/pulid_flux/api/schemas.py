@@ -184,6 +184,12 @@ def _json_or_text(text: str) -> Any:
     return text
 
 
+# fal's object lifecycle: the JS client's storageSettings on submit/run (preference), and the
+# lifecycle of an upload (JS initiate; Python's CDN upload sends both).
+LIFECYCLE_PREFERENCE_HEADER = "x-fal-object-lifecycle-preference"
+LIFECYCLE_HEADER = "x-fal-object-lifecycle"
+
+
 def retention_from_header(value: Optional[str], server_ttl_s: float) -> Optional[float]:
     """Seconds to keep a request's result and files, from fal's object lifecycle header
     (``{"expiration_duration_seconds": N, "initial_acl": …}``); None keeps the server's

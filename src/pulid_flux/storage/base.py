@@ -42,14 +42,21 @@ class StoredFile:
     kind: str = KIND_UPLOAD
     owner: str = ""
     complete: bool = True
+    expires_at: Optional[float] = None  # deleted then, if sooner than its kind's retention
 
     @classmethod
     def new(cls, *, content_type: str, file_name: Optional[str], kind: str, owner: str, size: int = 0,
-            complete: bool = False) -> "StoredFile":
+            complete: bool = False, expires_at: Optional[float] = None) -> "StoredFile":
         """A fresh record with a new unguessable id and a sanitised name."""
         return cls(id=new_file_id(), file_name=safe_file_name(file_name),
                    content_type=content_type or "application/octet-stream", size=size,
-                   created_at=time.time(), kind=kind, owner=owner, complete=complete)
+                   created_at=time.time(), kind=kind, owner=owner, complete=complete,
+                   expires_at=expires_at)
+
+    def expired(self, kind: str, created_before: float, now: float) -> bool:
+        """Whether :meth:`Storage.expire` of ``kind`` deletes this file."""
+        return self.kind == kind and (self.created_at < created_before
+                                      or (self.expires_at is not None and self.expires_at < now))
 
     @property
     def path(self) -> str:
@@ -86,11 +93,11 @@ class StorageError(ValueError):
 class Storage(abc.ABC):
     @abc.abstractmethod
     def put(self, data: bytes, *, content_type: str, file_name: str, kind: str = KIND_UPLOAD,
-            owner: str = "") -> StoredFile: ...
+            owner: str = "", expires_at: Optional[float] = None) -> StoredFile: ...
 
     @abc.abstractmethod
     def reserve(self, *, content_type: str, file_name: str, kind: str = KIND_UPLOAD,
-                owner: str = "") -> StoredFile:
+                owner: str = "", expires_at: Optional[float] = None) -> StoredFile:
         """A file id whose bytes arrive later (signed PUT, multipart)."""
 
     @abc.abstractmethod
@@ -117,4 +124,6 @@ class Storage(abc.ABC):
     def delete(self, file_id: str) -> None: ...
 
     @abc.abstractmethod
-    def expire(self, kind: str, created_before: float) -> int: ...
+    def expire(self, kind: str, created_before: float, now: Optional[float] = None) -> int:
+        """Deletes the files of ``kind`` created before ``created_before``, and those whose own
+        ``expires_at`` passed by ``now`` (default: the current time); returns how many."""

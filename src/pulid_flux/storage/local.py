@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -43,8 +44,10 @@ class LocalStorage(Storage):
         if self.max_file_bytes is not None and size > self.max_file_bytes:
             raise StorageError(f"file larger than {self.max_file_bytes} bytes")
 
-    def reserve(self, *, content_type, file_name, kind=KIND_UPLOAD, owner="") -> StoredFile:
-        meta = StoredFile.new(content_type=content_type, file_name=file_name, kind=kind, owner=owner)
+    def reserve(self, *, content_type, file_name, kind=KIND_UPLOAD, owner="",
+                expires_at=None) -> StoredFile:
+        meta = StoredFile.new(content_type=content_type, file_name=file_name, kind=kind, owner=owner,
+                              expires_at=expires_at)
         self._dir(meta.id).mkdir(parents=True)
         self._write_meta(meta)
         return meta
@@ -63,9 +66,11 @@ class LocalStorage(Storage):
         self._write_meta(meta)
         return meta
 
-    def put(self, data, *, content_type, file_name, kind=KIND_UPLOAD, owner="") -> StoredFile:
+    def put(self, data, *, content_type, file_name, kind=KIND_UPLOAD, owner="",
+            expires_at=None) -> StoredFile:
         self._check_size(len(data))
-        meta = self.reserve(content_type=content_type, file_name=file_name, kind=kind, owner=owner)
+        meta = self.reserve(content_type=content_type, file_name=file_name, kind=kind, owner=owner,
+                            expires_at=expires_at)
         return self.write(meta.id, data)
 
     def put_part(self, file_id, part_number, data) -> str:
@@ -128,7 +133,8 @@ class LocalStorage(Storage):
         except StorageError:
             pass
 
-    def expire(self, kind, created_before) -> int:
+    def expire(self, kind, created_before, now=None) -> int:
+        now = time.time() if now is None else now
         n = 0
         for d in self.root.iterdir():
             meta = self.stat(d.name)
@@ -137,7 +143,7 @@ class LocalStorage(Storage):
                 if d.is_dir() and d.stat().st_mtime < created_before:
                     shutil.rmtree(d, ignore_errors=True)
                 continue
-            if meta.kind == kind and meta.created_at < created_before:
+            if meta.expired(kind, created_before, now):
                 self.delete(meta.id)
                 n += 1
         return n

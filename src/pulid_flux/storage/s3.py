@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import asdict
 from typing import Optional
 from urllib.parse import quote, unquote, urlsplit
@@ -32,6 +33,7 @@ from .base import (
 # S3 refuses multipart parts below 5 MiB (except the last); smaller uploads are joined here.
 S3_MIN_PART_BYTES = 5 * 1024 * 1024
 INDEX_DIR = "_index"
+EXPIRING = "_expiring"  # index of files with an expiry time of their own
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -95,8 +97,17 @@ class S3Storage(Storage):
     def _part_key(self, file_id: str, number: int) -> str:
         return self._base(file_id) + f"parts/{number:05d}"
 
-    def _index_key(self, meta: StoredFile) -> str:
-        return f"{self.prefix}{INDEX_DIR}/{meta.kind}/{int(meta.created_at * 1000):013d}-{meta.id}"
+    def _index_keys(self, meta: StoredFile) -> list[str]:
+        """Expiry's entries for the file, listed in time order: by creation under its kind, and
+        by its own expiry time when it has one."""
+        entries = [(meta.kind, meta.created_at)]
+        if meta.expires_at is not None:
+            entries.append((EXPIRING, meta.expires_at))
+        return [f"{self.prefix}{INDEX_DIR}/{index}/{int(t * 1000):013d}-{meta.id}" for index, t in entries]
+
+    def _write_index(self, meta: StoredFile) -> None:
+        for key in self._index_keys(meta):
+            self.s3.put_object(Bucket=self.bucket, Key=key, Body=b"")
 
     # --- helpers ------------------------------------------------------------------------------
     @staticmethod
@@ -125,10 +136,12 @@ class S3Storage(Storage):
                     "Objects": [{"Key": k} for k in chunk], "Quiet": True})
 
     # --- Storage --------------------------------------------------------------------------
-    def reserve(self, *, content_type, file_name, kind=KIND_UPLOAD, owner="") -> StoredFile:
-        meta = StoredFile.new(content_type=content_type, file_name=file_name, kind=kind, owner=owner)
+    def reserve(self, *, content_type, file_name, kind=KIND_UPLOAD, owner="",
+                expires_at=None) -> StoredFile:
+        meta = StoredFile.new(content_type=content_type, file_name=file_name, kind=kind, owner=owner,
+                              expires_at=expires_at)
         # Index first: a crash after it leaves something expiry can find and remove.
-        self.s3.put_object(Bucket=self.bucket, Key=self._index_key(meta), Body=b"")
+        self._write_index(meta)
         self._write_meta(meta)
         return meta
 
@@ -144,10 +157,12 @@ class S3Storage(Storage):
         self._write_meta(meta)
         return meta
 
-    def put(self, data, *, content_type, file_name, kind=KIND_UPLOAD, owner="") -> StoredFile:
+    def put(self, data, *, content_type, file_name, kind=KIND_UPLOAD, owner="",
+            expires_at=None) -> StoredFile:
         self._check_size(len(data))
-        meta = StoredFile.new(content_type=content_type, file_name=file_name, kind=kind, owner=owner, size=len(data), complete=True)
-        self.s3.put_object(Bucket=self.bucket, Key=self._index_key(meta), Body=b"")
+        meta = StoredFile.new(content_type=content_type, file_name=file_name, kind=kind, owner=owner,
+                              size=len(data), complete=True, expires_at=expires_at)
+        self._write_index(meta)
         self.s3.put_object(Bucket=self.bucket, Key=self._data_key(meta), Body=data,
                            ContentType=meta.content_type)
         self._write_meta(meta)
@@ -247,27 +262,28 @@ class S3Storage(Storage):
         meta = self.stat(file_id)
         keys = [o["Key"] for o in self._list(base)]
         if meta is not None:
-            keys.append(self._index_key(meta))
+            keys += self._index_keys(meta)
         self._delete_keys(keys)
 
-    def expire(self, kind, created_before) -> int:
-        cutoff_ms = int(created_before * 1000)
+    def expire(self, kind, created_before, now=None) -> int:
+        now = time.time() if now is None else now
         n = 0
         stale_index = []
-        for obj in self._list(f"{self.prefix}{INDEX_DIR}/{kind}/"):
-            name = obj["Key"].rsplit("/", 1)[-1]
-            ms, _, file_id = name.partition("-")
-            if not ms.isdigit() or int(ms) >= cutoff_ms:
-                break  # keys list in time order
-            meta = self.stat(file_id)
-            if meta is None:
-                # A crash between the index entry and the meta record (or a deleted file).
-                self.delete(file_id)
-                stale_index.append(obj["Key"])
-                continue
-            if meta.kind == kind and meta.created_at < created_before:
-                self.delete(meta.id)
-                n += 1
+        for index, cutoff in ((kind, created_before), (EXPIRING, now)):
+            for obj in self._list(f"{self.prefix}{INDEX_DIR}/{index}/"):
+                name = obj["Key"].rsplit("/", 1)[-1]
+                ms, _, file_id = name.partition("-")
+                if not ms.isdigit() or int(ms) >= int(cutoff * 1000):
+                    break  # keys list in time order
+                meta = self.stat(file_id)
+                if meta is None:
+                    # A crash between the index entry and the meta record (or a deleted file).
+                    self.delete(file_id)
+                    stale_index.append(obj["Key"])
+                    continue
+                if meta.expired(kind, created_before, now):
+                    self.delete(meta.id)
+                    n += 1
         self._delete_keys(stale_index)
         return n
 

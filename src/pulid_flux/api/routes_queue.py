@@ -88,8 +88,7 @@ async def accept(request: Request, body: FluxPulidInput, *, priority: int = 0,
         ttl_s = retention_from_header(request.headers.get(LIFECYCLE_PREFERENCE_HEADER),
                                       svc.settings.result_ttl_s)
     except ValueError as exc:
-        errors.append({"loc": ["header", LIFECYCLE_PREFERENCE_HEADER], "msg": str(exc),
-                       "type": "value_error"})
+        errors.append(error_detail(LIFECYCLE_PREFERENCE_HEADER, str(exc), "value_error", where="header"))
     if errors:
         return unprocessable(errors)
 
@@ -197,16 +196,15 @@ async def submit(request: Request, body: FluxPulidInput = Body(...),
     svc = services(request)
     priority_name = request.headers.get("x-fal-queue-priority", "normal").strip().lower()
     if priority_name not in PRIORITIES:
-        return fal_json({"detail": [{"loc": ["header", "x-fal-queue-priority"],
-                                     "msg": "must be 'normal' or 'low'", "type": "enum"}]}, 422)
+        return unprocessable([error_detail("x-fal-queue-priority", "must be 'normal' or 'low'", "enum",
+                                           where="header")])
     if fal_webhook is not None:
         from ..webhooks import validate_webhook_url
 
         try:
             fal_webhook = validate_webhook_url(fal_webhook)
         except ValueError as exc:
-            return fal_json({"detail": [{"loc": ["query", "fal_webhook"], "msg": str(exc),
-                                         "type": "url_parsing"}]}, 422)
+            return unprocessable([error_detail("fal_webhook", str(exc), "url_parsing", where="query")])
     job = await accept(request, body, priority=PRIORITIES[priority_name], webhook_url=fal_webhook)
     if isinstance(job, Response):
         return job

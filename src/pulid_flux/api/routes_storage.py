@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from ..storage.base import KIND_UPLOAD, StorageError, StoredFile
 from .auth import TOKEN_CDN, TOKEN_CLIENT
-from .schemas import LIFECYCLE_HEADER, LIFECYCLE_PREFERENCE_HEADER, retention_from_header
+from .schemas import LIFECYCLE_HEADER, LIFECYCLE_PREFERENCE_HEADER, error_detail, retention_from_header
 from .services import Services
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
@@ -71,7 +71,7 @@ def upload_expiry(request: Request) -> Optional[float]:
                 ttl = retention_from_header(value, services(request).settings.upload_ttl_s)
             except ValueError as exc:
                 raise RequestValidationError(
-                    [{"loc": ("header", name), "msg": str(exc), "type": "value_error"}]) from None
+                    [error_detail(name, str(exc), "value_error", where="header")]) from None
             return None if ttl is None else time.time() + ttl
     return None
 

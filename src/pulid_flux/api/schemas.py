@@ -139,9 +139,9 @@ class SubmitResponse(BaseModel):
     queue_position: int
 
 
-def error_detail(field: Union[str, list], msg: str, type_: str, **extra) -> dict:
-    """One fal/FastAPI-style validation error entry."""
-    loc = ["body", *field] if isinstance(field, list) else ["body", field]
+def error_detail(field: Union[str, list], msg: str, type_: str, *, where: str = "body", **extra) -> dict:
+    """One fal/FastAPI-style validation error entry; ``where`` is body, header or query."""
+    loc = [where, *field] if isinstance(field, list) else [where, field]
     return {"loc": loc, "msg": msg, "type": type_, **extra}
 
 

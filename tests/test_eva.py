@@ -15,14 +15,14 @@ from pulid_flux.engine.eva import (
     load_eva_state_dict,
 )
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "pulid-reference"
+from reference import reference_dir
+
+FIXTURES = reference_dir()
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def eva_case():
-    if not (FIXTURES / "eva.safetensors").is_file():
-        pytest.skip(f"reference fixtures not found at {FIXTURES}")
     raw = load_file(FIXTURES / "eva.safetensors")
     tensors = {k: (v.float() if v.is_floating_point() else v) for k, v in raw.items()}
     meta = json.loads((FIXTURES / "eva.json").read_text())

@@ -32,7 +32,9 @@ from pulid_flux.engine.face import (
 )
 from pulid_flux.engine.types import NoFaceError
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "pulid-reference"
+from reference import reference_dir
+
+FIXTURES = reference_dir()
 INSIGHTFACE_IMAGES = Path(insightface.__file__).parent / "data" / "images"
 TOL = 1e-4
 
@@ -43,8 +45,6 @@ def _read_rgb(name):
 
 def _tensors(name):
     path = FIXTURES / f"{name}.safetensors"
-    if not path.is_file():
-        pytest.skip(f"reference fixtures not found at {FIXTURES}")
     return {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(path).items()}
 
 

@@ -2,18 +2,10 @@ import argparse
 import shutil
 from pathlib import Path
 
-import pytest
-
 from pulid_flux.engine import parity
+from reference import reference_dir
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "pulid-reference"
-
-
-
-@pytest.fixture(autouse=True)
-def _fixtures_present():
-    # CI checks out shared/ beside the repository; a missing folder must not pass silently
-    assert FIXTURES.is_dir(), f"reference fixtures not found at {FIXTURES}"
+FIXTURES = reference_dir()
 
 
 def check(argv: list[str]) -> int:

@@ -494,6 +494,8 @@ def fetch_url(
 
     timeout = httpx.Timeout(read_timeout_s, connect=connect_timeout_s)
     attempt = 0
+    # identity: the bytes counted and resumed are the file's, not a compressed stream's
+    headers = {"Accept-Encoding": "identity", **(headers or {})}
     with httpx.Client(timeout=timeout, follow_redirects=True, headers=headers) as client, _exclusive(part):
         while True:
             try:

@@ -670,3 +670,11 @@ def test_cli_gated_repo_prints_the_steps(tmp_path):
                     env={"HF_ENDPOINT": server.url})
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "accept the licence" in done.stderr and "export HF_TOKEN=" in done.stderr
+
+
+def test_an_unwritable_folder_fails_its_component_only(tmp_path, hub):
+    (tmp_path / "eva").write_text("a file where the eva folder belongs")
+    with pytest.raises(DownloadError) as info:
+        download_weights(tmp_path, components=["eva", "pulid"], progress=False)
+    assert "[eva]" in str(info.value) and "[pulid]" not in str(info.value)
+    assert (tmp_path / "pulid" / "pulid_flux_v0.9.1.safetensors").is_file()

@@ -755,7 +755,7 @@ def download_weights(
             for f in files:
                 fetch_url(f.url, f.dest, expected_size=f.size, force=force, progress=progress, headers=f.headers)
             ctx.verify(name, HF_SOURCES[name][0] if name in HF_SOURCES else name)
-        except DownloadError as exc:
+        except (DownloadError, OSError) as exc:  # OSError: the weights folder itself (permissions, a full disk)
             failures.append(f"[{name}] {exc}")
             logger.warning("[%s] failed; going on with the other components", name)
     if failures:
@@ -807,8 +807,8 @@ class _Ctx:
 
     def missing(self, component: str) -> list:
         if component == "pulid":  # every requested version, not only the first
-            return [v for v in self.pulid_versions
-                    if not (self.root / PULID_SUBDIR / PULID_FILENAME.format(version=v)).is_file()]
+            files = [self.root / PULID_SUBDIR / PULID_FILENAME.format(version=v) for v in self.pulid_versions]
+            return [f for f in files if not f.is_file()]
         return self.paths.missing([component])[0]
 
     def listing(self, component: str) -> dict[str, Optional[int]]:

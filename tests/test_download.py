@@ -646,6 +646,12 @@ def test_cli_refuses_to_start_without_disk_space(tmp_path, hub, monkeypatch, cap
     assert "not enough free disk space" in err and "but 0.0 GB free" in err
     assert hub.of("file", dl.EVA_REPO) == []  # refused before any file was fetched
     assert not (tmp_path / "new" / "eva").exists()
+    # Exactly the bytes to fetch are free: enough once the margin setting is 0, not before.
+    needed = len(_placeholder(_REPOS[dl.EVA_REPO], dl.EVA_FILENAME))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - needed, needed))
+    assert main(["download", "--dest", str(tmp_path / "new"), "--only", "eva", "--no-progress"]) == 1
+    monkeypatch.setenv("PULID_FLUX_DOWNLOAD_FREE_SPACE_MARGIN_GB", "0")
+    assert main(["download", "--dest", str(tmp_path / "new"), "--only", "eva", "--no-progress"]) == 0
 
 
 def test_cli_unreachable_hub_reports_every_component_and_leaves_no_litter(tmp_path):

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     )
     device: Optional[str] = None
     weights_dir: Optional[str] = None
+    download_free_space_margin_gb: float = Field(
+        2.0, ge=0, description="Free disk space `pulid-flux download` wants beyond the bytes it will write."
+    )
     offload: bool = False
     fp8: bool = False
     compile: bool = False

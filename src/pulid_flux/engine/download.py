@@ -130,8 +130,6 @@ HTTP_MAX_RETRIES = 5  # resumed attempts after an interrupted transfer
 HTTP_RETRY_BACKOFF_S = 2.0  # first wait; doubles per retry
 HTTP_RETRY_BACKOFF_MAX_S = 30.0
 PART_SUFFIX = ".part"
-# Free space `download` wants beyond the bytes it will write (filesystem slack, logs, the queue).
-DISK_FREE_MARGIN_BYTES = 2 * 1024**3
 
 
 def default_weights_dir() -> Path:
@@ -714,6 +712,7 @@ def download_weights(
     facexlib_files: Optional[dict[str, tuple[str, Optional[int]]]] = None,
     progress: bool = True,
     revisions: Optional[dict[str, str]] = None,
+    free_space_margin_bytes: Optional[int] = None,
 ) -> WeightPaths:
     """Fetch the requested components into ``dest`` and return the resulting :class:`WeightPaths`.
 
@@ -722,6 +721,8 @@ def download_weights(
     fetch; then the files are fetched. Every component is attempted; failures are collected and
     raised together as one :class:`DownloadError`. ``token=None`` lets huggingface_hub use
     ``HF_TOKEN`` or the stored login. Complete files are not fetched again unless ``force``.
+    ``free_space_margin_bytes``: free space wanted beyond the bytes to fetch (default: the
+    ``download_free_space_margin_gb`` setting).
     """
     root = Path(dest).expanduser() if dest is not None else default_weights_dir()
     wanted = _validate_components(components)
@@ -735,6 +736,11 @@ def download_weights(
     pins = {name: revision for name, (_, revision) in HF_SOURCES.items()} | dict(revisions or {})
     ctx = _Ctx(root, paths, token, force, endpoint, facexlib_files or FACEXLIB_FILES, pulid_versions, pins)
 
+    if free_space_margin_bytes is None:
+        from ..config import Settings
+
+        free_space_margin_bytes = int(Settings().download_free_space_margin_gb * 1e9)
+
     failures: list[str] = []
     plans: dict[str, list[_File]] = {}
     for name in wanted:
@@ -747,7 +753,7 @@ def download_weights(
             failures.append(f"[{name}] {exc}")
             logger.warning("[%s] failed; going on with the other components", name)
     try:
-        _check_free_space(root, [f for files in plans.values() for f in files], force)
+        _check_free_space(root, [f for files in plans.values() for f in files], force, free_space_margin_bytes)
     except DownloadError as exc:
         raise DownloadError("\n".join([*failures, f"[disk] {exc}"])) from None
     for name, files in plans.items():
@@ -767,7 +773,7 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
-def _check_free_space(root: Path, files: Sequence[_File], force: bool) -> None:
+def _check_free_space(root: Path, files: Sequence[_File], force: bool, margin: int) -> None:
     """Refuse to start when the bytes still to fetch (less what .part files hold) and a margin do
     not fit on the disk of ``root``."""
     import shutil
@@ -785,10 +791,11 @@ def _check_free_space(root: Path, files: Sequence[_File], force: bool) -> None:
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    if needed + DISK_FREE_MARGIN_BYTES > free:
+    if needed + margin > free:
         raise DownloadError(
-            f"not enough free disk space in {root}: {_gb(needed)} to fetch plus a {_gb(DISK_FREE_MARGIN_BYTES)} "
-            f"margin, but {_gb(free)} free. Free some space or choose another --dest"
+            f"not enough free disk space in {root}: {_gb(needed)} to fetch plus a {_gb(margin)} margin "
+            f"(PULID_FLUX_DOWNLOAD_FREE_SPACE_MARGIN_GB), but {_gb(free)} free. "
+            "Free some space or choose another --dest"
         )
     logger.info("%s to fetch into %s (%s free)", _gb(needed), root, _gb(free))
 

@@ -148,7 +148,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         sock = socket.socket(family, kind, proto)
-    except (OSError, socket.gaierror) as exc:
+    except OSError as exc:  # includes socket.gaierror: an unknown host
         raise CommandError(f"cannot listen on {host}:{port}: {exc}") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: quick restarts

@@ -211,6 +211,29 @@ def test_multipart_over_the_limit_keeps_nothing(make_storage):
     assert st.stat(other.id) is None
 
 
+def test_s3_streams_large_writes_as_multipart_uploads(moto_s3):
+    """Beyond one buffer a write goes out in parts; an abort leaves no object and no upload."""
+    from pulid_flux.storage.s3 import S3_BUFFER_BYTES, S3Storage
+
+    bucket = moto_s3.make_bucket()
+    st = S3Storage.from_url(f"s3://{bucket}", endpoint_url=moto_s3.endpoint, region="us-east-1")
+    data = b"\x89PNG\r\n\x1a\n" + os.urandom(S3_BUFFER_BYTES + 1024 * 1024)
+    meta = st.reserve(content_type="text/html", file_name="big.png")
+    writer = st.open_write(meta.id)
+    for i in range(0, len(data), 1024 * 1024):
+        writer.write(data[i:i + 1024 * 1024])
+    assert writer.upload_id is not None  # the first 8 MiB already left this process
+    assert writer.close().size == len(data) and st.read(meta.id) == data
+    assert httpx.get(st.file_url(meta)).headers["content-type"] == "image/png"
+
+    other = st.reserve(content_type="a/b", file_name="gone.bin")
+    writer = st.open_write(other.id)
+    writer.write(os.urandom(S3_BUFFER_BYTES + 1))
+    writer.abort()
+    assert st.read(other.id) is None
+    assert not moto_s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads")
+
+
 def test_stored_objects_carry_headers_from_their_bytes(moto_s3):
     """The store serves S3 files itself: their type comes from the bytes, not the declaration."""
     from pulid_flux.storage.s3 import S3Storage

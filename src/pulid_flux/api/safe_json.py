@@ -1,11 +1,11 @@
 """The one JSON parser for what this server reads outside FastAPI's body handling (multipart
-`complete` bodies, lifecycle headers, query values): bounded in size and nesting, and every
-failure is a ValueError, so that hostile JSON is a 4xx and never a RecursionError's 500."""
+`complete` bodies, lifecycle headers, query values): bounded in nesting, and every failure is
+a ValueError, so that hostile JSON is a 4xx and never a RecursionError's 500."""
 
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any
 
 DEFAULT_MAX_DEPTH = 32  # Settings.max_json_depth's default
 
@@ -21,10 +21,8 @@ def _depth(value: Any) -> int:
     return deepest
 
 
-def loads(text: str | bytes, *, max_depth: int = DEFAULT_MAX_DEPTH,
-          max_bytes: Optional[int] = None) -> Any:
-    if max_bytes is not None and len(text) > max_bytes:
-        raise ValueError(f"JSON larger than {max_bytes} bytes")
+def loads(text: str | bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
+    """``text`` is already bounded in size by its caller (body cap, the server's header limit)."""
     try:
         value = json.loads(text)
     except RecursionError:

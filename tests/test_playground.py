@@ -121,6 +121,9 @@ def test_playground_end_to_end(make_server, tmp_path, astronaut_png):
             page.on("filechooser", lambda chooser: None)
             page_errors: list[str] = []
             page.on("pageerror", lambda exc: page_errors.append(str(exc)))
+            # The page's strict CSP must not block anything the page itself does.
+            page.on("console", lambda msg: "Content Security Policy" in msg.text
+                    and page_errors.append(msg.text))
             expect.set_options(timeout=60_000)
 
             page.goto(server.url + "/")
@@ -138,9 +141,10 @@ def test_playground_end_to_end(make_server, tmp_path, astronaut_png):
             expect(page.locator("#err-reference_image_url")).to_contain_text("Upload failed")
             page.fill("#api-key", KEY)
             page.click("#key-save")
-            expect(page.locator("#key-state")).to_have_text("(saved in this browser)")
+            expect(page.locator("#key-state")).to_have_text("(kept in this tab)")
             expect(page.locator("#err-api-key")).to_be_empty()
-            assert page.evaluate("localStorage.getItem('pulid-flux:api-key')") == KEY
+            assert page.evaluate("sessionStorage.getItem('pulid-flux:api-key')") == KEY
+            assert page.evaluate("localStorage.getItem('pulid-flux:api-key')") is None
 
             # --- the reference by keyboard: Enter on the drop zone opens the file picker -------
             page.focus("#drop")

@@ -47,7 +47,6 @@ def install(repo: Path, *args: str) -> list[str]:
 def test_installs_once_then_only_when_the_inputs_change(repo):
     calls = install(repo)
     assert calls[0].startswith("-m pip install") and calls[0].endswith("-r requirements.txt")
-    assert "--no-deps facenet-pytorch==2.6.0" in calls[1]
     assert calls[-1].endswith("--no-deps --no-build-isolation -e .")  # no build backend from an index
     assert install(repo) == []  # a restart: no pip, hence no network
 
@@ -71,5 +70,5 @@ def test_a_failed_install_is_retried(repo):
         install(repo)
     assert not (repo / ".venv" / ".install-stamp").exists()
     (repo / "pip-fails").unlink()
-    assert len(install(repo)) == 3
+    assert len(install(repo)) == 2
     assert install(repo) == []

@@ -33,3 +33,10 @@ def test_other_messages_from_the_same_libraries_still_show(caplog, recwarn):
     warnings.warn_explicit("another deprecation", FutureWarning, "face_align.py", 1,
                            module="insightface.utils.face_align")
     assert [str(w.message) for w in recwarn] == ["another deprecation"]
+
+
+def test_a_tiny_serve_starts_without_library_warnings(live_server):
+    """The shared live server's log up to its worker's readiness: API and worker start-up."""
+    log = live_server.log_path.read_text(errors="replace")
+    assert "ready with model tiny" in log
+    assert_no_library_warnings(log.split("ready with model tiny", 1)[0])

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import quiet
+
+    quiet.install()
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)

@@ -22,6 +22,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from swagger_ui_bundle import swagger_ui_path
 
 from .. import __version__
 from ..config import ENDPOINT_ID, Settings
@@ -202,7 +203,8 @@ def create_app(settings: Optional[Settings] = None, *, services: Optional[Servic
         description="A self-hosted twin of fal's `fal-ai/flux-pulid` endpoint (FLUX.1-dev + PuLID). "
         "Queue API at `/`, sync API at `/run/`, storage at `/rest/` and `/cdn/`.",
         lifespan=lifespan,
-        docs_url=None,
+        docs_url=None,  # served below with local assets
+        redoc_url=None,  # not served: ReDoc's page would load from a CDN
         openapi_url=None,
     )
     app.state.services = svc
@@ -271,9 +273,16 @@ def create_app(settings: Optional[Settings] = None, *, services: Optional[Servic
     async def openapi():
         return app.openapi()
 
+    # Swagger UI from the files shipped in the swagger-ui-bundle-v2 wheel: /docs works offline.
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
     @app.get("/docs", include_in_schema=False, dependencies=[Depends(require_auth)])
     async def docs():
-        return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title)
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json", title=app.title,
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon-32x32.png")
 
     # Outermost first: CORS answers preflights (proxy included), then the proxy re-routes,
     # then the body cap applies to the re-routed path; unhandled errors become 500s inside

@@ -118,8 +118,11 @@ def test_each_cfg_branch_has_its_own_context(pipe, face, always_reuse):
 
 def test_levels_use_the_documented_thresholds(pipe, face):
     assert acceleration.FIRST_BLOCK_CACHE_THRESHOLDS == {"regular": 0.08, "high": 0.12}
+    plain = pixels(pipe(request(face, num_inference_steps=8)))
     for level in ("regular", "high"):
         result = pipe(request(face, acceleration=level, num_inference_steps=8))
-        assert 0 <= result.metrics["skipped_block_fraction"] < 1
+        # the tiny model's residuals barely move from step to step: most calls reuse the cache
+        assert 0.5 < result.metrics["skipped_block_fraction"] < 1
+        assert not np.array_equal(pixels(result), plain)
     with pytest.raises(ValueError):
         pipe(request(face, acceleration="max"))

@@ -126,3 +126,36 @@ def test_levels_use_the_documented_thresholds(pipe, face):
         assert not np.array_equal(pixels(result), plain)
     with pytest.raises(ValueError):
         pipe(request(face, acceleration="max"))
+
+
+def accelerated_loop(transformer, injector, cond, neg, id_tokens, uncond, **kw):
+    img = pack(get_noise(3, 96, 128, device="cpu", dtype=torch.float32))
+    cache = acceleration.BlockCache(transformer, 1e9)
+    out = denoise(transformer, injector, img, image_ids(12, 16), get_schedule(STEPS, img.shape[1]), cond,
+                  id_tokens=id_tokens, start_step=1, end_step=3, true_cfg=3.0, neg_cond=neg, uncond_id_tokens=uncond,
+                  cache=cache, **kw)
+    return out, cache
+
+
+def test_works_with_fullgraph_compiled_blocks():
+    """--compile compiles each block with fullgraph, which the cache's skip decision would break."""
+    transformer, injector, *rest = tiny_pulid_transformer()
+    eager, eager_cache = accelerated_loop(transformer, injector, *rest)
+    transformer.compile_repeated_blocks(fullgraph=True, backend="eager")  # dynamo's checks, no codegen
+    compiled = [block._compiled_call_impl for block in transformer.transformer_blocks]
+    out, cache = accelerated_loop(transformer, injector, *rest)
+    assert cache.skipped_fraction == eager_cache.skipped_fraction > 0
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    assert [block._compiled_call_impl for block in transformer.transformer_blocks] == compiled
+    assert not transformer.is_cache_enabled
+
+
+def test_a_cancelled_request_leaves_no_cache_behind():
+    transformer, injector, *rest = tiny_pulid_transformer()
+
+    def cancel(i, n, latents):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        accelerated_loop(transformer, injector, *rest, step_callback=cancel)
+    assert not transformer.is_cache_enabled

@@ -41,7 +41,7 @@ class BlockCache:
     def __init__(self, transformer: nn.Module, threshold: float):
         self.transformer = transformer
         self.threshold = threshold
-        self.num_blocks = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
+        self.num_blocks = len(self._blocks())
         self.calls = 0
         self.skipped_calls = 0
         self._id_on: Optional[bool] = None
@@ -53,11 +53,24 @@ class BlockCache:
 
         self.transformer.enable_cache(FirstBlockCacheConfig(threshold=self.threshold))
         self._leader = self.transformer.transformer_blocks[0]._diffusers_hook.get_hook(_FBC_LEADER_BLOCK_HOOK)
+        # --compile compiles each block with fullgraph: the cache's skip decision (a number read back
+        # to Python) breaks that graph, and its per-branch, per-decision variants exceed dynamo's
+        # recompile limit (seen on the tiny preset). So the blocks run uncompiled while the cache is
+        # on; the compiled ones come back after the request.
+        self._compiled = [(block, block._compiled_call_impl) for block in self._blocks()
+                          if getattr(block, "_compiled_call_impl", None) is not None]
+        for block, _ in self._compiled:
+            block._compiled_call_impl = None
         return self
 
     def __exit__(self, *exc) -> None:
+        for block, compiled in self._compiled:
+            block._compiled_call_impl = compiled
         self.transformer._reset_stateful_cache()
         self.transformer.disable_cache()
+
+    def _blocks(self) -> list[nn.Module]:
+        return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
 
     @contextmanager
     def branch(self, name: str, id_on: bool) -> Iterator[None]:

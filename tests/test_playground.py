@@ -61,7 +61,7 @@ def check_defaults_match_schema(page) -> None:
         el = page.locator(f"#{name}")
         assert float(el.get_attribute("min")) == bounds["ge"], name
         assert float(el.get_attribute("max")) == bounds["le"], name
-    for name in ("image_size", "max_sequence_length", "output_format"):
+    for name in ("image_size", "max_sequence_length", "output_format", "acceleration"):
         assert page.input_value(f"#{name}") == fields[name].default, name
     options = page.eval_on_selector_all("#image_size option", "els => els.map(e => e.value)")
     from pulid_flux.api.schemas import IMAGE_SIZE_PRESETS

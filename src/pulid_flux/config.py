@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     offload: bool = False
     fp8: bool = False
     compile: bool = False
+    batch_cfg: Optional[bool] = Field(
+        None, description="True CFG's prompt and negative passes in one batch-2 transformer call (faster, "
+        "more activation memory); false: two calls. Default: batched unless `offload`.",
+    )
     id_cache_size: int = Field(
         16, ge=0, le=4096,
         description="ID embeddings a worker keeps for repeated reference images (LRU); 0 disables.",

@@ -80,6 +80,11 @@ class FluxPulidInput(BaseModel):
     preview_interval: int = Field(
         2, ge=1, le=50, description="Extension: steps between two previews (with enable_previews)."
     )
+    acceleration: Literal["none", "regular", "high"] = Field(
+        "none", description="Extension, as fal's FLUX endpoints: `regular` and `high` reuse the later "
+        "transformer blocks' result when the first block's barely changed since the last step (First Block "
+        "Cache; the identity is never carried over). Faster, slightly different images; `none` is exact.",
+    )
 
 
 class OutputImage(BaseModel):

@@ -144,7 +144,8 @@ def _assemble(flux, pulid, face, safety, name, is_random, options: PipelineOptio
         flux.transformer.compile_repeated_blocks(fullgraph=True)
     return PuLIDFluxPipeline(flux=flux, pulid=pulid, face_encoder=face, safety_checker=safety, model_name=name,
                              is_random_weights=is_random, device=device, dtype=dtype,
-                             id_cache_size=options.id_cache_size)
+                             id_cache_size=options.id_cache_size,
+                             batch_cfg=not options.offload if options.batch_cfg is None else options.batch_cfg)
 
 
 def _quantize_fp8(transformer, device: torch.device, dtype: torch.dtype) -> None:

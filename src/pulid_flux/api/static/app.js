@@ -27,6 +27,7 @@ export const DEFAULTS = {
   sync_mode: false,
   num_images: 1,
   output_format: "jpeg",
+  acceleration: "none",
   end_step: null,
   face_index: null,
   seed: null,
@@ -218,6 +219,8 @@ function collectInput() {
   input.enable_safety_checker = $("enable_safety_checker").checked;
   if ($("sync_mode").checked) input.sync_mode = true;
   input.output_format = $("output_format").value;
+  const acceleration = $("acceleration").value;
+  if (acceleration !== DEFAULTS.acceleration) input.acceleration = acceleration;
   const more = $("reference_image_urls").value.split("\n").map((s) => s.trim()).filter(Boolean);
   if (more.length) input.reference_image_urls = more;
   if ($("enable_previews").checked) {

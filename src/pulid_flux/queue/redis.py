@@ -524,7 +524,7 @@ class RedisQueue(Queue):
                  webhook_claim_ttl_s: float = 7200.0, consumer_prune_s: float = 3600.0,
                  max_attempts: int = 2, client=None):
         import redis
-        from redis.backoff import ExponentialBackoff
+        from redis.backoff import ExponentialBackoff, NoBackoff
         from redis.retry import Retry
 
         self.url = url
@@ -554,6 +554,12 @@ class RedisQueue(Queue):
                             _retries_within(retry_s, base, cap),
                             supported_errors=(RedisConnectionError, RedisTimeoutError)),
             )
+            # One attempt, no retries: what checks whether an outage is over.
+            self._probe = redis.Redis.from_url(
+                url, socket_timeout=connect_timeout_s, socket_connect_timeout=connect_timeout_s,
+                retry=Retry(NoBackoff(), 0))
+        else:
+            self._probe = client
         self.r = client
         reg = self.r.register_script
         self._submit = reg(_SUBMIT)
@@ -583,7 +589,11 @@ class RedisQueue(Queue):
             now = time.monotonic()
             if now < self._next_probe:
                 raise self._fault()
-            self._next_probe = now + self.probe_interval_s  # this call is the probe
+            self._next_probe = now + self.probe_interval_s
+        try:  # one quick attempt, so a probe never blocks for the whole retry window
+            self._probe.ping()
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise self._went_down(exc) from exc
 
     def _went_down(self, exc: Exception) -> ServiceFault:
         with self._state_lock:
@@ -609,6 +619,8 @@ class RedisQueue(Queue):
 
     def close(self) -> None:
         self.r.close()
+        if self._probe is not self.r:
+            self._probe.close()
 
     @_reachable
     def ping(self) -> bool:

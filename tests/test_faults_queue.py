@@ -30,10 +30,10 @@ from test_queue_contract import REDIS_BIN, RedisServer
 EP = "fal-ai/flux-pulid"
 
 ENV = {
-    "PULID_FLUX_STEP_DELAY_S": "0.1",
+    "PULID_FLUX_STEP_DELAY_S": "0.2",
     "PULID_FLUX_HEARTBEAT_INTERVAL_S": "0.25",
     "PULID_FLUX_LEASE_TIMEOUT_S": "4",
-    "PULID_FLUX_WORKER_DRAIN_TIMEOUT_S": "3",
+    "PULID_FLUX_WORKER_DRAIN_TIMEOUT_S": "6",
     "PULID_FLUX_REDIS_RETRY_S": "1",
     "PULID_FLUX_REDIS_PROBE_INTERVAL_S": "0.5",
     "PULID_FLUX_WORKER_RESTART_BACKOFF_MAX_S": "2",
@@ -235,7 +235,12 @@ def test_queue_unavailable_mid_generation(service, astronaut_uri):
     finally:
         svc.redis = RedisServer(svc.redis.dir, aof=True, port=svc.redis.port).start()
 
-    # Back without a restart: the held result is written once, by the same worker.
+    # Back without a restart: /health within a probe interval or two, then the held result is
+    # written once, by the same worker.
+    restarted = time.monotonic()
+    while httpx.get(f"{svc.base}/health", timeout=10).json()["status"] != "ok":
+        assert time.monotonic() - restarted < 5
+        time.sleep(0.1)
     assert_generated_once(svc, rid)
     assert "queue unavailable" in svc.server.log_path.read_text() and \
         "retrying in" in svc.server.log_path.read_text()  # it held its result
@@ -293,17 +298,18 @@ def test_run_stream_cancels_when_the_client_goes_away(service, astronaut_uri):
 @pytest.mark.timeout(500)
 def test_sigterm_finishes_the_running_request_then_hands_back_after_the_drain(service, astronaut_uri):
     svc = service
-    # Within the drain timeout (3 s): finished by the signalled worker, which then exits.
+    # Within the drain timeout (6 s): finished by the signalled worker, which then exits.
     pid = svc.worker()
-    rid = submit(svc, astronaut_uri, 10)
-    wait_for(svc, rid, running_step(2))
+    rid = submit(svc, astronaut_uri, 4)
+    wait_for(svc, rid, running_step(1))
     os.kill(pid, signal.SIGTERM)
     st = assert_generated_once(svc, rid)
-    assert "step 10/10" in messages(st)
+    assert "step 4/4" in messages(st)
     assert_healthy(svc)
     assert pid not in svc.worker_pids()
 
-    # Longer than the drain timeout: handed back, run again by the restarted worker.
+    # Longer than the drain timeout (50 steps of at least 0.2 s): handed back, run again by the
+    # restarted worker.
     pid = svc.worker()
     rid = submit(svc, astronaut_uri, 50)
     wait_for(svc, rid, running_step(2))

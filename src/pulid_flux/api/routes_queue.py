@@ -334,13 +334,14 @@ async def _follow(request: Request, job: Job):
             try:
                 current = await asyncio.to_thread(svc.queue.get, job.id)
             except ServiceFault:
-                current = job  # no news while the queue is unavailable; the request is kept
-            if current is None or current.state == COMPLETED:
-                finished = True
-                if current is not None:
-                    yield current
-                return
-            yield current
+                current = job  # the queue is unavailable: no news, the request is kept
+            else:
+                if current is None or current.state == COMPLETED:
+                    finished = True
+                    if current is not None:
+                        yield current
+                    return
+                yield current
             if time.monotonic() > deadline or await request.is_disconnected():
                 return
             await asyncio.sleep(svc.settings.status_poll_interval_s)
@@ -412,22 +413,24 @@ async def run_stream(request: Request, body: FluxPulidInput = Body(...)):
         last_seq, last_state, last_sent = 0, None, time.monotonic()
         async with contextlib.aclosing(_follow(request, job)) as states:
             async for current in states:
-                try:
-                    entries, last_seq_new = await asyncio.to_thread(svc.log_entries, job.id,
-                                                                    last_seq)
-                except ServiceFault:
-                    entries, last_seq_new = [], last_seq
                 # Progress on new logs or a new state. Progress events are only ever IN_QUEUE
                 # or IN_PROGRESS: log lines that arrive with the end were written while it ran,
                 # and come in one more IN_PROGRESS event before the output.
-                if entries or (current.state != last_state and current.state != COMPLETED):
+                progress = None
+                try:
+                    entries, last_seq_new = await asyncio.to_thread(svc.log_entries, job.id,
+                                                                    last_seq)
+                    if entries or (current.state != last_state and current.state != COMPLETED):
+                        logs, preview = _split_previews(entries)
+                        running = replace(current, state=IN_PROGRESS) \
+                            if current.state == COMPLETED else current
+                        progress = await asyncio.to_thread(svc.status_body, running, base, logs)
+                        if preview is not None:
+                            progress["preview"] = preview
+                except ServiceFault:
+                    pass  # the queue went away meanwhile: this round's progress waits
+                if progress is not None:
                     last_seq, last_state, last_sent = last_seq_new, current.state, time.monotonic()
-                    logs, preview = _split_previews(entries)
-                    running = replace(current, state=IN_PROGRESS) if current.state == COMPLETED \
-                        else current
-                    progress = svc.status_body(running, base, logs)
-                    if preview is not None:
-                        progress["preview"] = preview
                     yield f"data: {json.dumps(progress)}\n\n"
                 elif time.monotonic() - last_sent > svc.settings.sse_keepalive_s:
                     last_sent = time.monotonic()

@@ -27,6 +27,9 @@ import pytest
 from conftest import LiveServer
 from test_queue_contract import REDIS_BIN, RedisServer
 
+# Starts live servers: main's slow tier (`-m "not e2e"` skips it).
+pytestmark = pytest.mark.e2e
+
 EP = "fal-ai/flux-pulid"
 
 ENV = {

@@ -297,12 +297,44 @@ def test_start_deadline_times_out_queued_requests(q):
     assert q.stats()["completed_timeout"] == 1
 
 
-def test_cancel_flag_survives_requeue(q):
+@pytest.mark.parametrize("lost", ["release_worker", "requeue_stale", "release"])
+def test_a_cancelled_request_whose_worker_is_lost_completes_as_cancelled(q, lost):
     job = q.submit(EP, {})
+    other = q.submit(EP, {})
     q.claim("w1", EP)
+    q.claim("w1", EP)
+    assert q.cancel(job.id) == "requested"
+    if lost == "release_worker":  # the worker process died (kill -9)
+        assert sorted(q.release_worker("w1", max_attempts=3)) == sorted([job.id, other.id])
+        why = "the worker process died; cancelled as requested"
+    elif lost == "requeue_stale":  # its lease ran out
+        time.sleep(0.6)
+        assert sorted(q.requeue_stale(0.5, max_attempts=3)) == sorted([job.id, other.id])
+        why = "the worker stopped responding; cancelled as requested"
+    else:  # it shut down and handed the request back
+        assert q.release(job.id, "w1") is True and q.release(other.id, "w1") is True
+        why = "worker shut down; cancelled as requested"
+    done = q.get(job.id)
+    assert (done.state, done.status_code, done.error, done.error_type) == (
+        COMPLETED, 400, "Request was cancelled", "request_cancelled")
+    assert done.result == {"detail": "Request was cancelled", "error_type": "request_cancelled"}
+    assert q.logs(job.id)[-1].message == why
+    assert q.complete(job.id, worker_id="w1", status_code=200, result={}) is False
+    # Only the request without a cancel runs again, once.
+    assert q.claim("w2", EP).id == other.id
+    assert q.claim("w2", EP) is None
+    assert q.stats()["completed_cancelled"] == 1
+
+
+@needs_redis
+def test_redis_takeover_of_a_cancelled_request_completes_it_as_cancelled(redis_server):
+    q = make_redis_queue(redis_server.url, visibility_timeout_s=0.5)
+    job = q.submit(EP, {})
+    q.claim("dead", EP)
     q.cancel(job.id)
-    q.release_worker("w1", max_attempts=3)
-    assert q.claim("w2", EP).cancel_requested is True
+    time.sleep(0.7)
+    assert q.claim("alive", EP) is None  # XAUTOCLAIM found it, and did not run it again
+    assert q.get(job.id).error_type == "request_cancelled"
 
 
 def test_webhooks_pending_until_delivered_and_expiry(q):
@@ -491,5 +523,47 @@ def test_redis_restart_with_aof_loses_nothing(tmp_path):
         assert q.claim("w2", EP).id == running.id  # the stream entry and group survived
         assert q.claim("w2", EP).id == waiting.id
         assert q.stats()["submitted"] == 3
+    finally:
+        server.stop()
+
+
+@needs_redis
+def test_redis_outage_fails_fast_with_a_service_fault_and_recovers(tmp_path):
+    from pulid_flux.errors import ServiceFault
+
+    server = RedisServer(tmp_path / "outage", aof=True).start()
+    try:
+        q = make_redis_queue(server.url, visibility_timeout_s=0.5, retry_s=1.5,
+                             probe_interval_s=0.5)
+        running = q.submit(EP, {"n": 1})
+        waiting = q.submit(EP, {"n": 2})
+        q.claim("w", EP)
+        server.stop()
+        started = time.monotonic()
+        with pytest.raises(ServiceFault) as first:
+            q.get(waiting.id)
+        assert time.monotonic() - started < 3  # the retry window, not a hang
+        fault = first.value
+        assert fault.component == "queue" and fault.status_code == 503
+        assert f"Redis at 127.0.0.1:{server.port} is unreachable" in fault.reason
+        started = time.monotonic()
+        for _ in range(20):  # between probes, calls fail at once
+            with pytest.raises(ServiceFault):
+                q.stats()
+        time.sleep(0.5)
+        with pytest.raises(ServiceFault):  # a probe: one attempt, not the retry window
+            q.stats()
+        assert time.monotonic() - started < 1.0
+        time.sleep(1.0)  # the holder's lease runs out meanwhile
+        server = RedisServer(server.dir, aof=True, port=server.port).start()
+        time.sleep(0.5)  # the next probe is due
+        assert q.get(waiting.id).state == IN_QUEUE  # recovered without a new client
+        # The holder could not renew its lease during the outage: it gets a lease after it.
+        assert q.requeue_stale(0.5, max_attempts=2) == []
+        assert q.claim("other", EP).id == waiting.id  # queued work is taken, held work is not
+        assert q.get(running.id).worker_id == "w"
+        q.heartbeat("w")
+        assert q.complete(running.id, worker_id="w", status_code=200, result={"ok": 1})
+        assert q.get(running.id).result == {"ok": 1}
     finally:
         server.stop()

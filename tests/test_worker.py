@@ -141,14 +141,40 @@ def test_model_exception_fails_the_request_not_the_worker(env, astronaut_uri, pi
     assert run_next(svc, worker).status_code == 200
 
 
-def test_signalled_worker_hands_the_request_back(env, astronaut_uri):
+def test_a_draining_worker_finishes_the_running_request(env, astronaut_uri):
+    api, svc, worker = env
+    rid = submit(api, astronaut_uri, num_inference_steps=5)
+    job = svc.queue.claim(worker.worker_id)
+    worker.drain()  # SIGTERM, with the default drain timeout
+    assert worker.stop.is_set()
+    worker.process(job)
+    done = svc.queue.get(rid)
+    assert done.state == COMPLETED and done.status_code == 200 and done.error is None
+    worker.serve_forever()  # returns at once: a draining worker takes nothing new
+    assert svc.queue.stats()["completed_ok"] == 1
+
+
+def test_a_drain_that_runs_out_hands_the_request_back(env, astronaut_uri):
     api, svc, worker = env
     rid = submit(api, astronaut_uri, num_inference_steps=10)
     job = svc.queue.claim(worker.worker_id)
-    worker.signalled = True
+    worker.drain()
+    worker.drain()  # a second SIGTERM: no more waiting
     worker.process(job)
     back = svc.queue.get(rid)
     assert back.state == IN_QUEUE and back.attempts == 0
+    assert [l.message for l in svc.queue.logs(rid) if l.message.startswith("step ")] == ["step 1/10"]
+
+
+def test_a_cancelled_request_is_not_handed_back_on_shutdown(env, astronaut_uri):
+    api, svc, worker = env
+    rid = submit(api, astronaut_uri, num_inference_steps=10)
+    job = svc.queue.claim(worker.worker_id)
+    svc.queue.cancel(rid)
+    worker.drain()
+    worker.drain()
+    worker.process(job)
+    assert svc.queue.get(rid).error_type == "request_cancelled"
 
 
 def test_serve_forever_and_registration(env, astronaut_uri):

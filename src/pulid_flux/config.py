@@ -104,7 +104,16 @@ class Settings(BaseSettings):
         60.0, gt=0, description="A worker that ran this long restarts without backoff after exiting."
     )
     worker_stop_grace_s: float = Field(
-        10.0, gt=0, description="Time a worker gets to exit on shutdown before it is killed."
+        10.0, gt=0, description="Time a worker gets to exit after its drain, on shutdown, before "
+        "it is killed (`serve` waits worker_drain_timeout_s + this).",
+    )
+    worker_drain_timeout_s: float = Field(
+        25.0, ge=0, description="On SIGTERM a worker finishes its running request for up to this "
+        "long, then hands it back to the queue (a second SIGTERM hands it back at once).",
+    )
+    worker_result_retry_max_s: float = Field(
+        5.0, gt=0, description="Longest wait between a worker's tries to write a result (or hand "
+        "a request back) while the queue is unavailable; it keeps the result until it is back.",
     )
     stale_sweep_interval_s: float = Field(
         5.0, gt=0, description="How often idle workers also re-queue requests of silent workers."
@@ -138,6 +147,10 @@ class Settings(BaseSettings):
         0.05, gt=0, description="How often waiting HTTP handlers (run, SSE) re-read the queue."
     )
     sse_keepalive_s: float = Field(15.0, gt=0, description="SSE comment period on quiet streams.")
+    health_timeout_s: float = Field(
+        0.8, gt=0, description="Longest `/health` waits for the queue before it reports it "
+        "unavailable (status degraded).",
+    )
 
     # --- distributed backends (docs/deployment.md) --------------------------------------------
     queue_url: Optional[str] = Field(
@@ -153,9 +166,18 @@ class Settings(BaseSettings):
         "taken over by another worker (XAUTOCLAIM). Default: lease_timeout_s.",
     )
     redis_retry_s: float = Field(
-        30.0, ge=0, description="How long Redis calls retry through a restart or failover."
+        2.0, ge=0, description="How long one Redis call retries through a blip (restart, "
+        "failover); after it the queue counts as unavailable: API calls get 503, workers keep "
+        "their results until it is back.",
     )
-    redis_socket_timeout_s: float = Field(10.0, gt=0, description="Timeout of one Redis call.")
+    redis_socket_timeout_s: float = Field(10.0, gt=0, description="Read timeout of one Redis call.")
+    redis_connect_timeout_s: float = Field(
+        0.5, gt=0, description="Timeout of one connection attempt to Redis."
+    )
+    redis_probe_interval_s: float = Field(
+        1.0, gt=0, description="While Redis is unavailable, calls fail at once (503) but one per "
+        "this period tries it again; the first that succeeds ends the outage.",
+    )
     redis_consumer_prune_s: float = Field(
         3600.0, gt=0, description="Stream consumers of workers idle this long (holding nothing) "
         "are removed.",

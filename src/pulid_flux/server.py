@@ -116,7 +116,9 @@ class WorkerSupervisor:
         for p in procs:
             with _suppress():
                 p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.settings.worker_stop_grace_s
+        # A worker finishes its running request first (its drain), then needs a moment to exit.
+        deadline = (time.monotonic() + self.settings.worker_drain_timeout_s
+                    + self.settings.worker_stop_grace_s)
         for p in procs:
             try:
                 await asyncio.wait_for(p.wait(), max(0.1, deadline - time.monotonic()))

@@ -92,8 +92,10 @@ class Worker:
         self.pipe = pipeline
         self.model_name = model_name or ""
         self.stop = threading.Event()
-        # A signalled worker hands its request back; one whose parent died finishes it first.
-        self.signalled = False
+        # Set by SIGTERM: the running request may finish until then, and is handed back after
+        # it. A worker whose parent died finishes its request without a deadline.
+        self.drain_deadline: Optional[float] = None
+        self._queue_fault: Optional[str] = None  # why the queue is unavailable, while it is
         self._hb_stop = threading.Event()
         self.policy = FetchPolicy(max_bytes=settings.max_reference_bytes,
                                   max_pixels=settings.max_reference_pixels)
@@ -101,7 +103,58 @@ class Worker:
         self.jobs_done = 0
 
     # --- lifecycle --------------------------------------------------------------------------
+    def drain(self) -> None:
+        """SIGTERM: take nothing new; finish the running request within worker_drain_timeout_s,
+        then hand it back. A second signal hands it back at once."""
+        now = time.monotonic()
+        if self.drain_deadline is None:
+            self.drain_deadline = now + self.settings.worker_drain_timeout_s
+        else:
+            self.drain_deadline = now
+        self.stop.set()
+
+    def _drain_over(self) -> bool:
+        return self.drain_deadline is not None and time.monotonic() >= self.drain_deadline
+
+    def _try_queue(self, call, *args, **kwargs):
+        """A queue call that may be lost (a log line, a cancel check, a state report): while the
+        queue is unavailable, generation goes on without it. Returns None when it failed."""
+        from .errors import ServiceFault
+
+        try:
+            out = call(*args, **kwargs)
+        except ServiceFault as exc:
+            if self._queue_fault is None:
+                log.warning("queue unavailable (%s): generating on, the result is kept until "
+                            "it is back", exc.reason)
+            self._queue_fault = exc.reason
+            return None
+        self._queue_fault = None
+        return out
+
+    def _settle(self, call, *args, **kwargs):
+        """A queue write that must happen (a result, a hand-back): retried with backoff while
+        the queue is unavailable, so the request ends exactly once. Gives up only when a drain
+        runs out (the lease then expires and the request runs again elsewhere)."""
+        from .errors import ServiceFault
+
+        delay = 0.1
+        while True:
+            try:
+                return call(*args, **kwargs)
+            except ServiceFault as exc:
+                if self._drain_over():
+                    log.error("queue still unavailable (%s) at the end of the drain: leaving "
+                              "the request to its lease", exc.reason)
+                    return None
+                log.warning("queue unavailable (%s): retrying in %.1f s", exc.reason, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, self.settings.worker_result_retry_max_s)
+
     def _register(self, state: str) -> None:
+        self._try_queue(self._register_now, state)
+
+    def _register_now(self, state: str) -> None:
         from .queue.base import WorkerInfo
 
         self.queue.register_worker(WorkerInfo(
@@ -115,7 +168,7 @@ class Worker:
         # last request after its parent died must keep its lease.
         while not self._hb_stop.is_set():
             try:
-                self.queue.heartbeat(self.worker_id)
+                self._try_queue(self.queue.heartbeat, self.worker_id)
             except Exception:  # a locked database must not kill the lease thread
                 log.exception("heartbeat failed")
             if self.parent_pid and os.getppid() != self.parent_pid:
@@ -127,7 +180,7 @@ class Worker:
             self._hb_stop.wait(self.settings.heartbeat_interval_s)
 
     def load(self, model: Optional[str] = None) -> None:
-        self._register("loading")
+        self._register_now("loading")
         self._start_heartbeat()
         if self.pipe is None:
             from .engine.pipeline import PuLIDFluxPipeline
@@ -172,13 +225,13 @@ class Worker:
         last_sweep = 0.0
         try:
             while not self.stop.is_set():
-                job = self.queue.claim(self.worker_id, ENDPOINT_ID)
+                job = self._try_queue(self.queue.claim, self.worker_id, ENDPOINT_ID)
                 if job is None:
                     # Sweeping here too lets deployments without `serve` recover from lost workers.
                     if time.monotonic() - last_sweep > self.settings.stale_sweep_interval_s:
                         last_sweep = time.monotonic()
-                        self.queue.requeue_stale(self.settings.lease_timeout_s,
-                                                 self.settings.max_attempts)
+                        self._try_queue(self.queue.requeue_stale, self.settings.lease_timeout_s,
+                                        self.settings.max_attempts)
                     self.stop.wait(self.settings.worker_poll_interval_s)
                     continue
                 self.process(job)
@@ -188,48 +241,62 @@ class Worker:
         finally:
             self.stop.set()
             self._hb_stop.set()
-            self.queue.remove_worker(self.worker_id)
+            self._try_queue(self.queue.remove_worker, self.worker_id)
 
     # --- one request ------------------------------------------------------------------------
     def process(self, job) -> None:
         from .engine.types import NoFaceError
         from .fetch import ReferenceImageError
+        from .queue.base import CANCELLED_MESSAGE, CANCELLED_RESULT, CANCELLED_STATUS, CANCELLED_TYPE
 
         q = self.queue
-        q.add_log(job.id, f"generation started on worker {self.worker_id} (attempt {job.attempts})")
+
+        def finish(message: str, level: str = "INFO", **result) -> bool:
+            # Written even through a queue outage (retried), so the request ends exactly once.
+            logged = False
+
+            def write() -> bool:
+                nonlocal logged
+                if not logged:
+                    q.add_log(job.id, message, level)
+                    logged = True
+                return q.complete(job.id, worker_id=self.worker_id, **result)
+
+            return bool(self._settle(write))
+
+        self._try_queue(q.add_log, job.id,
+                        f"generation started on worker {self.worker_id} (attempt {job.attempts})")
         self._register("busy")
         try:
             output, files, inference = self._generate(job)
         except Cancelled:
-            q.add_log(job.id, "cancelled", "WARN")
-            q.complete(job.id, worker_id=self.worker_id, status_code=400,
-                       result={"detail": "Request was cancelled", "error_type": "request_cancelled"},
-                       error="Request was cancelled", error_type="request_cancelled")
+            finish("cancelled", "WARN", status_code=CANCELLED_STATUS, result=CANCELLED_RESULT,
+                   error=CANCELLED_MESSAGE, error_type=CANCELLED_TYPE)
         except ShuttingDown:
-            q.release(job.id, self.worker_id)
+            self._settle(q.release, job.id, self.worker_id)
         except (NoFaceError, ReferenceImageError) as exc:
             msg = getattr(exc, "msg", None) or str(exc) or "No face was detected in the reference image"
             type_ = getattr(exc, "type", None) or "no_face_detected"
-            q.add_log(job.id, f"invalid reference image: {msg}", "ERROR")
-            q.complete(job.id, worker_id=self.worker_id, status_code=422,
-                       result={"detail": [{"loc": ["body", "reference_image_url"], "msg": msg,
-                                           "type": type_}]},
-                       error=msg, error_type="validation_error")
+            finish(f"invalid reference image: {msg}", "ERROR", status_code=422,
+                   result={"detail": [{"loc": ["body", "reference_image_url"], "msg": msg,
+                                       "type": type_}]},
+                   error=msg, error_type="validation_error")
         except Exception as exc:  # noqa: BLE001 - any model failure becomes the request's error
             log.error("request %s failed:\n%s", job.id, traceback.format_exc())
             self._free_accelerator_memory()
             msg = f"Generation failed: {type(exc).__name__}: {exc}"[:2000]
-            q.add_log(job.id, msg, "ERROR")
-            q.complete(job.id, worker_id=self.worker_id, status_code=500,
-                       result={"detail": msg, "error_type": "internal_error"},
-                       error=msg, error_type="internal_error")
+            finish(msg, "ERROR", status_code=500,
+                   result={"detail": msg, "error_type": "internal_error"},
+                   error=msg, error_type="internal_error")
         else:
-            q.add_log(job.id, f"completed in {inference:.2f} s on {self.worker_id}")
-            if not q.complete(job.id, worker_id=self.worker_id, status_code=200, result=output,
-                              metrics={"inference_time": inference}, output_files=files):
-                # The request was re-queued or deleted meanwhile: our files are orphans.
-                q.add_log(job.id, f"result of {self.worker_id} discarded: the request moved on",
-                          "WARN")
+            if not finish(f"completed in {inference:.2f} s on {self.worker_id}", status_code=200,
+                          result=output, metrics={"inference_time": inference},
+                          output_files=files):
+                # The request was re-queued or deleted meanwhile (or the queue stayed down
+                # past the drain): our files are orphans.
+                self._try_queue(q.add_log, job.id,
+                                f"result of {self.worker_id} discarded: the request moved on",
+                                "WARN")
                 for fid in files:
                     self.storage.delete(fid)
         finally:
@@ -274,12 +341,12 @@ class Worker:
         delay = self.settings.step_delay_s
 
         def on_step(step: int, total: int) -> None:
-            self.queue.add_log(job.id, f"step {step}/{total}")
+            self._try_queue(self.queue.add_log, job.id, f"step {step}/{total}")
             if delay:
                 time.sleep(delay)
-            if self.queue.is_cancel_requested(job.id):
+            if self._try_queue(self.queue.is_cancel_requested, job.id):
                 raise Cancelled()
-            if self.signalled:
+            if self._drain_over():
                 raise ShuttingDown()
 
         extra = {}
@@ -330,7 +397,7 @@ class Worker:
             except Exception:  # noqa: BLE001 - a preview must never fail the request
                 log.exception("preview of %s failed", request_id)
                 return
-            self.queue.add_log(request_id, PREVIEW_LOG_PREFIX + uri, "DEBUG")
+            self._try_queue(self.queue.add_log, request_id, PREVIEW_LOG_PREFIX + uri, "DEBUG")
 
         return on_latents
 
@@ -347,9 +414,9 @@ def run(args: argparse.Namespace) -> int:
     worker = Worker(settings, queue, storage, worker_id=args.worker_id, parent_pid=args.parent_pid)
 
     def on_signal(signum, _frame):
-        log.info("signal %s: stopping", signum)
-        worker.signalled = True
-        worker.stop.set()
+        log.info("signal %s: finishing the running request (up to %g s), then stopping", signum,
+                 settings.worker_drain_timeout_s)
+        worker.drain()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

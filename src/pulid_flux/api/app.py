@@ -26,6 +26,7 @@ from swagger_ui_bundle import swagger_ui_path
 
 from .. import __version__
 from ..config import ENDPOINT_ID, Settings
+from ..errors import ServiceFault
 from ..queue.base import WEBHOOK_DELIVERED, WEBHOOK_FAILED, Queue
 from ..storage.base import KIND_UPLOAD, Storage
 from . import routes_queue, routes_storage
@@ -106,6 +107,8 @@ async def reaper_loop(svc: Services) -> None:
                                           svc.settings.max_attempts)
             if ids:
                 log.warning("re-queued or failed %d request(s) of silent workers", len(ids))
+        except ServiceFault as exc:  # the queue logs its outage once; no traceback per period
+            log.debug("reaper: %s", exc)
         except Exception:  # noqa: BLE001 - keep the loop alive through a locked database
             log.exception("reaper failed")
         await asyncio.sleep(period)
@@ -120,6 +123,8 @@ async def cleanup_loop(svc: Services) -> None:
             for fid in file_ids:
                 await asyncio.to_thread(svc.storage.delete, fid)
             await asyncio.to_thread(svc.storage.expire, KIND_UPLOAD, now - svc.settings.upload_ttl_s)
+        except ServiceFault as exc:  # the queue logs its outage once; no traceback per period
+            log.debug("cleanup: %s", exc)
         except Exception:  # noqa: BLE001
             log.exception("cleanup failed")
         await asyncio.sleep(svc.settings.cleanup_interval_s)
@@ -167,6 +172,8 @@ async def webhook_loop(svc: Services) -> None:
                     if job.id not in in_flight and job.webhook_url:
                         in_flight.add(job.id)
                         asyncio.create_task(deliver(job))
+            except ServiceFault as exc:  # the queue logs its outage once; no traceback per period
+                log.debug("webhook loop: %s", exc)
             except Exception:  # noqa: BLE001
                 log.exception("webhook loop failed")
             await asyncio.sleep(s.webhook_poll_interval_s)
@@ -221,6 +228,13 @@ def create_app(settings: Optional[Settings] = None, *, services: Optional[Servic
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(ServiceFault)
+    async def service_fault(request: Request, exc: ServiceFault):
+        headers = {"x-fal-error-type": "service_unavailable"}
+        if exc.retry_after_s:
+            headers["Retry-After"] = str(int(exc.retry_after_s))
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
+
     app.include_router(routes_queue.router)
     app.include_router(routes_storage.rest)
     app.include_router(routes_storage.cdn)
@@ -235,15 +249,27 @@ def create_app(settings: Optional[Settings] = None, *, services: Optional[Servic
 
     @app.get("/health", tags=["service"], summary="Liveness, model and workers (no auth)")
     async def health():
-        workers = await asyncio.to_thread(svc.queue.workers, svc.settings.alive_window_s)
-        stats = await asyncio.to_thread(svc.queue.stats)
+        def read_queue():
+            return svc.queue.workers(svc.settings.alive_window_s), svc.queue.stats()
+
+        faults: list[dict] = []
+        try:
+            # Bounded: an unreachable or locked queue must not hang the health check.
+            workers, stats = await asyncio.wait_for(asyncio.to_thread(read_queue),
+                                                    svc.settings.health_timeout_s)
+        except (ServiceFault, asyncio.TimeoutError) as exc:
+            reason = exc.reason if isinstance(exc, ServiceFault) else \
+                f"no answer within {svc.settings.health_timeout_s:g} s"
+            faults.append({"component": "queue", "reason": reason})
+            workers, stats = [], {}
         ready = [w for w in workers if w.state in ("ready", "busy")]
         model = ready[0] if ready else None
         label = None
         if model is not None:
             label = model.model + (" (random weights)" if model.random_weights else "")
         return {
-            "status": "ok", "endpoint": ENDPOINT_ID, "version": __version__,
+            "status": "degraded" if faults else "ok", "faults": faults,
+            "endpoint": ENDPOINT_ID, "version": __version__,
             "model": label, "model_name": model.model if model else settings.model,
             "random_weights": bool(model.random_weights) if model else None,
             "ready": bool(ready),

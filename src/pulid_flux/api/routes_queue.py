@@ -7,16 +7,20 @@ workers need no outbound network), enqueue, and read state back in fal's shapes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import time
 from dataclasses import replace
 from typing import Any, Optional
 
+import anyio
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..config import ENDPOINT_ID
 from ..engine.preview import PREVIEW_LOG_PREFIX
+from ..errors import ServiceFault
 from ..queue.base import (
     COMPLETED, IN_PROGRESS, IN_QUEUE, PRIORITIES, WEBHOOK_PENDING, Job, QueueFullError,
 )
@@ -34,6 +38,9 @@ from .schemas import (
     retention_from_header,
 )
 from .services import Services
+
+log = logging.getLogger("pulid_flux.api")
+
 
 def require_auth(request: Request) -> str:
     """Router-level dependency, so a bad key is refused before the body is even validated."""
@@ -154,6 +161,10 @@ async def accept(request: Request, body: FluxPulidInput, *, priority: int = 0,
             svc.storage.delete(fid)
         return fal_json({"detail": str(exc), "error_type": "queue_full"}, 429,
                         error_type="queue_full")
+    except ServiceFault:  # the queue is unavailable: a 503 naming it, and no orphan files
+        for fid in files:
+            svc.storage.delete(fid)
+        raise
     await asyncio.to_thread(
         svc.queue.add_log, job.id,
         f"queued: {width}x{height}, {body.num_inference_steps} steps, {len(files)} reference(s)",
@@ -309,23 +320,48 @@ async def cancel(request: Request, request_id: str):
 
 # --- sync API -------------------------------------------------------------------------------
 
-async def _wait(request: Request, job: Job, *, on_update=None) -> Optional[Job]:
-    """Polls until COMPLETED; cancels the request if the client goes away or time runs out."""
+async def _follow(request: Request, job: Job):
+    """The request's state, polled until COMPLETED, for the sync routes (/run and its stream).
+
+    If the iteration ends otherwise (the client went away, the server's run_timeout_s ran out,
+    or the response task was cancelled because the client disconnected) the request is
+    cancelled: nobody is left to receive its result. A queue outage meanwhile is waited out."""
     svc = services(request)
     deadline = time.monotonic() + svc.settings.run_timeout_s
-    while True:
-        current = await asyncio.to_thread(svc.queue.get, job.id)
-        if current is None or current.state == COMPLETED:
-            return current
-        if on_update is not None:
-            await on_update(current)
-        if time.monotonic() > deadline:
-            await asyncio.to_thread(svc.queue.cancel, job.id)
-            return None
-        if await request.is_disconnected():
-            await asyncio.to_thread(svc.queue.cancel, job.id)
-            return None
-        await asyncio.sleep(svc.settings.status_poll_interval_s)
+    finished = False
+    try:
+        while True:
+            try:
+                current = await asyncio.to_thread(svc.queue.get, job.id)
+            except ServiceFault:
+                current = job  # the queue is unavailable: no news, the request is kept
+            else:
+                if current is None or current.state == COMPLETED:
+                    finished = True
+                    if current is not None:
+                        yield current
+                    return
+                yield current
+            if time.monotonic() > deadline or await request.is_disconnected():
+                return
+            await asyncio.sleep(svc.settings.status_poll_interval_s)
+    finally:
+        if not finished:
+            # Shielded: when the client's disconnect cancelled this task, the cancel must still run.
+            with anyio.CancelScope(shield=True):
+                try:
+                    await asyncio.to_thread(svc.queue.cancel, job.id)
+                except ServiceFault:
+                    log.warning("could not cancel %s: the queue is unavailable", job.id)
+
+
+async def _wait(request: Request, job: Job) -> Optional[Job]:
+    """The completed request, or None when it was cancelled (client gone, run_timeout_s)."""
+    last = None
+    async with contextlib.aclosing(_follow(request, job)) as states:
+        async for last in states:
+            pass
+    return last if last is not None and last.state == COMPLETED else None
 
 
 def _finish_sync(svc: Services, job: Job) -> None:
@@ -375,38 +411,38 @@ async def run_stream(request: Request, body: FluxPulidInput = Body(...)):
 
     async def events():
         last_seq, last_state, last_sent = 0, None, time.monotonic()
-        deadline = time.monotonic() + svc.settings.run_timeout_s
-        while True:
-            current = await asyncio.to_thread(svc.queue.get, job.id)
-            if current is None:
-                return
-            entries, last_seq_new = await asyncio.to_thread(svc.log_entries, job.id, last_seq)
-            # Progress on new logs or a new state. Progress events are only ever IN_QUEUE or
-            # IN_PROGRESS: log lines that arrive with the end were written while it ran, and
-            # come in one more IN_PROGRESS event before the output.
-            if entries or (current.state != last_state and current.state != COMPLETED):
-                last_seq, last_state, last_sent = last_seq_new, current.state, time.monotonic()
-                logs, preview = _split_previews(entries)
-                running = replace(current, state=IN_PROGRESS) if current.state == COMPLETED else current
-                progress = svc.status_body(running, base, logs)
-                if preview is not None:
-                    progress["preview"] = preview
-                yield f"data: {json.dumps(progress)}\n\n"
-            elif time.monotonic() - last_sent > svc.settings.sse_keepalive_s:
-                last_sent = time.monotonic()
-                yield ": keep-alive\n\n"
-            if current.state == COMPLETED:
-                out = svc.result_body(current, base)
-                if current.error is not None:
-                    out = {"error": current.error, "error_type": current.error_type,
-                           "status_code": current.status_code, "detail": (out or {}).get("detail")}
-                await asyncio.to_thread(_finish_sync, svc, current)
-                yield f"data: {json.dumps(out)}\n\n"
-                return
-            if time.monotonic() > deadline or await request.is_disconnected():
-                await asyncio.to_thread(svc.queue.cancel, job.id)
-                return
-            await asyncio.sleep(svc.settings.status_poll_interval_s)
+        async with contextlib.aclosing(_follow(request, job)) as states:
+            async for current in states:
+                # Progress on new logs or a new state. Progress events are only ever IN_QUEUE
+                # or IN_PROGRESS: log lines that arrive with the end were written while it ran,
+                # and come in one more IN_PROGRESS event before the output.
+                progress = None
+                try:
+                    entries, last_seq_new = await asyncio.to_thread(svc.log_entries, job.id,
+                                                                    last_seq)
+                    if entries or (current.state != last_state and current.state != COMPLETED):
+                        logs, preview = _split_previews(entries)
+                        running = replace(current, state=IN_PROGRESS) \
+                            if current.state == COMPLETED else current
+                        progress = await asyncio.to_thread(svc.status_body, running, base, logs)
+                        if preview is not None:
+                            progress["preview"] = preview
+                except ServiceFault:
+                    pass  # the queue went away meanwhile: this round's progress waits
+                if progress is not None:
+                    last_seq, last_state, last_sent = last_seq_new, current.state, time.monotonic()
+                    yield f"data: {json.dumps(progress)}\n\n"
+                elif time.monotonic() - last_sent > svc.settings.sse_keepalive_s:
+                    last_sent = time.monotonic()
+                    yield ": keep-alive\n\n"
+                if current.state == COMPLETED:
+                    out = svc.result_body(current, base)
+                    if current.error is not None:
+                        out = {"error": current.error, "error_type": current.error_type,
+                               "status_code": current.status_code,
+                               "detail": (out or {}).get("detail")}
+                    await asyncio.to_thread(_finish_sync, svc, current)
+                    yield f"data: {json.dumps(out)}\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={**SSE_HEADERS, "x-fal-request-id": job.id})

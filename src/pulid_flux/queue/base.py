@@ -24,6 +24,15 @@ WEBHOOK_DELIVERED = "delivered"
 WEBHOOK_FAILED = "failed"
 
 
+# A cancelled request completes with this (fal's shape). The rule every backend follows:
+# a request whose cancel was requested never runs again; when its worker is lost (crash, lease
+# expiry, shutdown hand-back) it completes as cancelled instead of being re-queued.
+CANCELLED_STATUS = 400
+CANCELLED_MESSAGE = "Request was cancelled"
+CANCELLED_TYPE = "request_cancelled"
+CANCELLED_RESULT = {"detail": CANCELLED_MESSAGE, "error_type": CANCELLED_TYPE}
+
+
 class QueueFullError(RuntimeError):
     pass
 
@@ -165,16 +174,18 @@ class Queue(abc.ABC):
 
     @abc.abstractmethod
     def release(self, request_id: str, worker_id: str) -> bool:
-        """A worker shutting down hands a request back; the attempt does not count."""
+        """A worker shutting down hands a request back; the attempt does not count. A request
+        whose cancel was requested completes as cancelled instead."""
 
     @abc.abstractmethod
     def requeue_stale(self, lease_timeout_s: float, max_attempts: int) -> list[str]:
-        """Re-queues (or fails, after max_attempts or the request's own cap) requests whose
-        worker's lease ran out."""
+        """Re-queues (or fails, after max_attempts or the request's own cap; or completes as
+        cancelled, if its cancel was requested) requests whose worker's lease ran out."""
 
     @abc.abstractmethod
     def release_worker(self, worker_id: str, max_attempts: int) -> list[str]:
-        """The worker died: re-queue (or fail, after max_attempts) what it held."""
+        """The worker died: re-queue (or fail, after max_attempts; or complete as cancelled)
+        what it held."""
 
     @abc.abstractmethod
     def register_worker(self, info: WorkerInfo) -> None: ...

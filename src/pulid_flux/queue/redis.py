@@ -25,12 +25,24 @@ or Sentinel for failover), with AOF persistence for durability.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
+import threading
 import time
 import uuid
 from typing import Optional
+from urllib.parse import urlsplit
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..errors import ServiceFault
 
 from .base import (
+    CANCELLED_MESSAGE,
+    CANCELLED_STATUS,
+    CANCELLED_TYPE,
     COMPLETED,
     IN_PROGRESS,
     IN_QUEUE,
@@ -42,6 +54,8 @@ from .base import (
     WorkerInfo,
 )
 
+log = logging.getLogger("pulid_flux.queue")
+
 # Consumer that holds entries handed back to the queue; they are claimable at once.
 PARK_CONSUMER = "pulid-flux-requeued"
 
@@ -49,6 +63,10 @@ _COMMON = r"""
 local P = ARGV[1]
 local GROUP = 'workers'
 local PARK = '""" + PARK_CONSUMER + r"""'
+local PARK_IDLE_MS = 1000000000000
+local CANCELLED_STATUS = """ + str(CANCELLED_STATUS) + r"""
+local CANCELLED_MESSAGE = """ + json.dumps(CANCELLED_MESSAGE) + r"""
+local CANCELLED_TYPE = """ + json.dumps(CANCELLED_TYPE) + r"""
 local function now()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1e6
@@ -91,13 +109,18 @@ local function error_fields(status, detail, error, etype)
   return {status_code = status, result = cjson.encode({detail = detail, error_type = etype}),
           error = error, error_type = etype}
 end
+local function finish_cancelled(jid, why, t)
+  finish(jid, error_fields(CANCELLED_STATUS, CANCELLED_MESSAGE, CANCELLED_MESSAGE, CANCELLED_TYPE),
+         'cancelled', t)
+  log(jid, 'WARN', why, t)
+end
 -- Makes a request's entry claimable by any worker at once (backdated delivery).
 local function park(jk, jid)
   local s = redis.call('HGET', jk, 'stream')
   local e = redis.call('HGET', jk, 'entry')
   local moved = {}
   if s and e and e ~= '' then
-    moved = redis.call('XCLAIM', s, GROUP, PARK, 0, e, 'IDLE', 1000000000000, 'JUSTID')
+    moved = redis.call('XCLAIM', s, GROUP, PARK, 0, e, 'IDLE', PARK_IDLE_MS, 'JUSTID')
   end
   if #moved == 0 and s then
     -- The entry is gone from the pending list (never expected): queue a fresh one.
@@ -112,6 +135,10 @@ local function requeue(jid, reason, maxa, t)
   if cap and cap < maxa then maxa = cap end
   local holder = redis.call('HGET', jk, 'worker_id')
   if holder and holder ~= '' then redis.call('SREM', P .. 'held:' .. holder, jid) end
+  if redis.call('HGET', jk, 'cancel_requested') == '1' then
+    finish_cancelled(jid, reason .. '; cancelled as requested', t)
+    return false
+  end
   if attempts >= maxa then
     finish(jid, error_fields(503, 'Generation failed: ' .. reason,
                              'Generation failed: ' .. reason, 'runner_disconnected'), 'error', t)
@@ -168,7 +195,11 @@ return {'ok', 0}
 # ARGV: prefix, worker, token, visibility_s, max_attempts, endpoint|'', instance
 _CLAIM = _COMMON + r"""
 local me, token = ARGV[2], ARGV[3]
+-- vis < 0: the caller just saw Redis come back from an outage; holders get a full lease to
+-- renew first, so only handed-back (parked) entries are taken now.
 local vis = tonumber(ARGV[4])
+local min_idle = PARK_IDLE_MS
+if vis >= 0 then min_idle = math.floor(vis * 1000) end
 local maxa = tonumber(ARGV[5])
 local endpoint = ARGV[6]
 local t = now()
@@ -198,7 +229,7 @@ local function consider(jid, entry, s, reclaimed)
     if not reclaimed then return nil end
     local holder = redis.call('HGET', jk, 'worker_id')
     local hb = tonumber(redis.call('HGET', jk, 'heartbeat_at')) or 0
-    if t - hb < vis then
+    if vis < 0 or t - hb < vis then
       -- Its holder renewed the lease meanwhile: hand the entry back.
       redis.call('XCLAIM', s, GROUP, holder, 0, entry, 'JUSTID')
       return nil
@@ -227,7 +258,7 @@ for _, m in ipairs(members) do
     -- Older entries first: handed back or abandoned ones, then new ones.
     local cursor = '0-0'
     repeat
-      local r = redis.call('XAUTOCLAIM', s, GROUP, me, math.floor(vis * 1000), cursor, 'COUNT', 1)
+      local r = redis.call('XAUTOCLAIM', s, GROUP, me, min_idle, cursor, 'COUNT', 1)
       cursor = r[1]
       for _, e in ipairs(r[2]) do
         local got = consider(e[2][2], e[1], s, true)
@@ -299,6 +330,10 @@ local jk = P .. 'job:' .. jid
 if redis.call('HGET', jk, 'state') ~= 'IN_PROGRESS' or redis.call('HGET', jk, 'worker_id') ~= me then
   return 0
 end
+if redis.call('HGET', jk, 'cancel_requested') == '1' then
+  finish_cancelled(jid, 'worker shut down; cancelled as requested', now())
+  return 1
+end
 local attempts = math.max(tonumber(redis.call('HGET', jk, 'attempts')) - 1, 0)
 redis.call('HSET', jk, 'state', 'IN_QUEUE', 'worker_id', '', 'started_at', '', 'heartbeat_at', '',
            'attempts', attempts)
@@ -369,9 +404,7 @@ local t = now()
 if not state then return 'not_found' end
 if state == 'COMPLETED' then return 'completed' end
 if state == 'IN_QUEUE' then
-  finish(jid, error_fields(400, 'Request was cancelled', 'Request was cancelled',
-                           'request_cancelled'), 'cancelled', t)
-  log(jid, 'WARN', 'cancelled while queued', t)
+  finish_cancelled(jid, 'cancelled while queued', t)
   return 'cancelled'
 end
 redis.call('HSET', jk, 'cancel_requested', '1')
@@ -455,17 +488,43 @@ def _job_from_hash(jid: str, h: dict[str, str]) -> Job:
     )
 
 
+def _retries_within(window_s: float, base: float, cap: float) -> int:
+    """How many exponentially backed-off retries fit in ``window_s``."""
+    n, slept = 0, 0.0
+    while slept < window_s:
+        slept += min(cap, base * 2 ** n)
+        n += 1
+    return n
+
+
+def _reachable(method):
+    """A call on an unreachable Redis raises ServiceFault("queue", …) once its retries are
+    spent; while Redis stays unreachable, calls fail at once, but one per probe interval tries
+    it again (that call ends the outage when it succeeds)."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        self._fail_fast()
+        try:
+            out = method(self, *args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise self._went_down(exc) from exc
+        self._came_back()
+        return out
+
+    return call
+
+
 class RedisQueue(Queue):
     """``Queue`` on a Redis server (6.2+; 7+ recommended). Thread- and process-safe."""
 
     def __init__(self, url: str, *, prefix: str = "pulid-flux:", visibility_timeout_s: float = 20.0,
-                 retry_s: float = 30.0, socket_timeout_s: float = 10.0,
+                 retry_s: float = 2.0, socket_timeout_s: float = 10.0,
+                 connect_timeout_s: float = 0.5, probe_interval_s: float = 1.0,
                  webhook_claim_ttl_s: float = 7200.0, consumer_prune_s: float = 3600.0,
                  max_attempts: int = 2, client=None):
         import redis
-        from redis.backoff import ExponentialBackoff
-        from redis.exceptions import ConnectionError as RConnectionError
-        from redis.exceptions import TimeoutError as RTimeoutError
+        from redis.backoff import ExponentialBackoff, NoBackoff
         from redis.retry import Retry
 
         self.url = url
@@ -476,16 +535,31 @@ class RedisQueue(Queue):
         self.max_attempts = int(max_attempts)
         # Identifies this process's claims, so heartbeats renew only what it claimed itself.
         self.instance = uuid.uuid4().hex
+        parts = urlsplit(url)
+        self.where = f"Redis at {parts.path}" if parts.scheme == "unix" else \
+            f"Redis at {parts.hostname}:{parts.port or 6379}"
+        self.probe_interval_s = float(probe_interval_s)
+        self._down: Optional[str] = None  # why Redis is unreachable, while it is
+        self._next_probe = 0.0
+        self._recovered_at = float("-inf")  # monotonic time the last outage ended
+        self._state_lock = threading.Lock()
         if client is None:
             # A Redis restart or failover shows up as connection errors: retry with backoff for
-            # about `retry_s` before giving up, so API replicas and workers ride it out.
-            backoff = ExponentialBackoff(cap=1.0, base=0.05)
-            retries = 5 + int(retry_s)
+            # about `retry_s`, so blips are ridden out; longer outages are ServiceFaults.
+            base, cap = 0.05, 1.0
             client = redis.Redis.from_url(
                 url, decode_responses=True, socket_timeout=socket_timeout_s,
-                socket_connect_timeout=socket_timeout_s, health_check_interval=30,
-                retry=Retry(backoff, retries, supported_errors=(RConnectionError, RTimeoutError)),
+                socket_connect_timeout=connect_timeout_s, health_check_interval=30,
+                retry=Retry(ExponentialBackoff(cap=cap, base=base),
+                            _retries_within(retry_s, base, cap),
+                            supported_errors=(RedisConnectionError, RedisTimeoutError)),
             )
+            # One attempt, no retries: what checks whether an outage is over.
+            self._probe = redis.Redis.from_url(
+                url, socket_timeout=connect_timeout_s, socket_connect_timeout=connect_timeout_s,
+                retry=Retry(NoBackoff(), 0))
+        else:
+            self._probe = client
         self.r = client
         reg = self.r.register_script
         self._submit = reg(_SUBMIT)
@@ -503,13 +577,57 @@ class RedisQueue(Queue):
     def k(self, name: str) -> str:
         return self.prefix + name
 
+    # --- availability ---------------------------------------------------------------------
+    def _fault(self) -> ServiceFault:
+        return ServiceFault("queue", self._down or f"{self.where} is unreachable",
+                            retry_after_s=max(1, round(self.probe_interval_s)))
+
+    def _fail_fast(self) -> None:
+        if self._down is None:
+            return
+        with self._state_lock:
+            now = time.monotonic()
+            if now < self._next_probe:
+                raise self._fault()
+            self._next_probe = now + self.probe_interval_s
+        try:  # one quick attempt, so a probe never blocks for the whole retry window
+            self._probe.ping()
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise self._went_down(exc) from exc
+
+    def _went_down(self, exc: Exception) -> ServiceFault:
+        with self._state_lock:
+            if self._down is None:
+                log.warning("%s is unreachable: %s", self.where, exc)
+            self._down = f"{self.where} is unreachable ({type(exc).__name__}: {exc})"
+            self._next_probe = time.monotonic() + self.probe_interval_s
+        return self._fault()
+
+    def _came_back(self) -> None:
+        if self._down is None:
+            return
+        with self._state_lock:
+            if self._down is not None:
+                log.warning("%s is reachable again", self.where)
+                self._down = None
+                self._recovered_at = time.monotonic()
+
+    def _recovering(self, lease_s: float) -> bool:
+        """True for one lease after this process saw Redis come back: holders could not renew
+        their leases during the outage, so none of them counts as lost yet."""
+        return time.monotonic() - self._recovered_at < lease_s
+
     def close(self) -> None:
         self.r.close()
+        if self._probe is not self.r:
+            self._probe.close()
 
+    @_reachable
     def ping(self) -> bool:
         return bool(self.r.ping())
 
     # --- API side -------------------------------------------------------------------------
+    @_reachable
     def submit(self, endpoint, input, *, owner="", priority=0, webhook_url=None, ephemeral=False,
                start_deadline=None, input_files=None, max_queue_length=None,
                max_attempts=None, ttl_s=None) -> Job:
@@ -535,14 +653,17 @@ class RedisQueue(Queue):
             raise QueueFullError(f"the queue is full ({n} waiting)")
         return self.get(request_id)  # type: ignore[return-value]
 
+    @_reachable
     def get(self, request_id):
         h = self.r.hgetall(self.k(f"job:{request_id}"))
         return _job_from_hash(request_id, h) if h else None
 
+    @_reachable
     def position(self, request_id) -> int:
         rank = self.r.zrank(self.k("waiting"), request_id)
         return int(rank) if rank is not None else 0
 
+    @_reachable
     def logs(self, request_id, after_seq=0):
         start = max(int(after_seq), 0)
         rows = self.r.lrange(self.k(f"logs:{request_id}"), start, -1)
@@ -552,18 +673,22 @@ class RedisQueue(Queue):
             out.append(LogRecord(start + i + 1, float(ts), level, message))
         return out
 
+    @_reachable
     def add_log(self, request_id, message, level="INFO"):
         self._add_log(args=[self.prefix, request_id, repr(time.time()), level, message])
 
+    @_reachable
     def cancel(self, request_id) -> str:
         return self._cancel(args=[self.prefix, request_id])
 
+    @_reachable
     def delete(self, request_id) -> list[str]:
         files = self._delete(args=[self.prefix, request_id])
         if not files:
             return []
         return [f for part in files if part for f in json.loads(part)]
 
+    @_reachable
     def expire(self, completed_before, now=None) -> list[str]:
         now = time.time() if now is None else now
         ids = list(dict.fromkeys(
@@ -582,6 +707,7 @@ class RedisQueue(Queue):
                 files += self.delete(jid)
         return files
 
+    @_reachable
     def pending_webhooks(self, limit=100):
         """Pending deliveries this caller now owns: each is claimed with SET NX, so among many
         API replicas exactly one delivers it (another takes over after ``webhook_claim_ttl_s``
@@ -600,9 +726,11 @@ class RedisQueue(Queue):
             out.append(job)
         return out
 
+    @_reachable
     def set_ttl(self, request_id, ttl_s):
         self._set_ttl(args=[self.prefix, request_id, repr(float(ttl_s))])
 
+    @_reachable
     def set_webhook_state(self, request_id, state):
         key = self.k(f"job:{request_id}")
         if not self.r.exists(key):
@@ -615,6 +743,7 @@ class RedisQueue(Queue):
             pipe.zrem(self.k("webhooks"), request_id)
         pipe.execute()
 
+    @_reachable
     def stats(self) -> dict[str, float]:
         pipe = self.r.pipeline(transaction=False)
         pipe.hgetall(self.k("stats"))
@@ -628,21 +757,25 @@ class RedisQueue(Queue):
         return out
 
     # --- worker side ----------------------------------------------------------------------
+    @_reachable
     def claim(self, worker_id, endpoint=None):
         # max_attempts bounds the take-overs of abandoned requests done here (XAUTOCLAIM).
-        jid = self._claim(args=[self.prefix, worker_id, uuid.uuid4().hex,
-                                self.visibility_timeout_s, self.max_attempts, endpoint or "",
-                                self.instance])
+        vis = -1 if self._recovering(self.visibility_timeout_s) else self.visibility_timeout_s
+        jid = self._claim(args=[self.prefix, worker_id, uuid.uuid4().hex, vis,
+                                self.max_attempts, endpoint or "", self.instance])
         return self.get(jid) if jid else None
 
+    @_reachable
     def heartbeat(self, worker_id):
         self._heartbeat(args=[self.prefix, worker_id, self.instance])
 
+    @_reachable
     def is_cancel_requested(self, request_id) -> bool:
         value = self.r.hget(self.k(f"job:{request_id}"), "cancel_requested")
         # A request deleted meanwhile counts as cancelled: nobody wants its result.
         return value is None or value == "1"
 
+    @_reachable
     def complete(self, request_id, *, worker_id, status_code, result, error=None,
                  error_type=None, metrics=None, output_files=None) -> bool:
         fields: dict[str, str] = {
@@ -663,13 +796,18 @@ class RedisQueue(Queue):
                                     outcome, inference, json.dumps(fields)])
         return bool(done)
 
+    @_reachable
     def release(self, request_id, worker_id) -> bool:
         return bool(self._release(args=[self.prefix, request_id, worker_id]))
 
+    @_reachable
     def requeue_stale(self, lease_timeout_s, max_attempts):
+        if self._recovering(lease_timeout_s):
+            return []
         return list(self._requeue_stale(args=[self.prefix, float(lease_timeout_s),
                                               int(max_attempts), self.consumer_prune_s]))
 
+    @_reachable
     def release_worker(self, worker_id, max_attempts):
         return list(self._release_worker(args=[self.prefix, worker_id, int(max_attempts)]))
 
@@ -677,6 +815,7 @@ class RedisQueue(Queue):
         sec, usec = self.r.time()
         return sec + usec / 1e6
 
+    @_reachable
     def register_worker(self, info: WorkerInfo):
         now = self._redis_now()
         old = self.r.hget(self.k("workers"), info.worker_id)
@@ -688,12 +827,14 @@ class RedisQueue(Queue):
         pipe.zadd(self.k("workers:hb"), {info.worker_id: now})
         pipe.execute()
 
+    @_reachable
     def remove_worker(self, worker_id):
         pipe = self.r.pipeline(transaction=True)
         pipe.hdel(self.k("workers"), worker_id)
         pipe.zrem(self.k("workers:hb"), worker_id)
         pipe.execute()
 
+    @_reachable
     def workers(self, alive_within_s=None):
         pipe = self.r.pipeline(transaction=False)
         pipe.hgetall(self.k("workers"))

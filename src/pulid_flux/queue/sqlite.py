@@ -15,6 +15,10 @@ import uuid
 from pathlib import Path
 
 from .base import (
+    CANCELLED_MESSAGE,
+    CANCELLED_RESULT,
+    CANCELLED_STATUS,
+    CANCELLED_TYPE,
     COMPLETED,
     IN_PROGRESS,
     IN_QUEUE,
@@ -210,6 +214,14 @@ class SQLiteQueue(Queue):
         )
         SQLiteQueue._bump(db, f"completed_{outcome}")
 
+    @staticmethod
+    def _finish_cancelled(db, request_id: str, why: str) -> None:
+        SQLiteQueue._finish(
+            db, request_id, status_code=CANCELLED_STATUS, result=CANCELLED_RESULT,
+            error=CANCELLED_MESSAGE, error_type=CANCELLED_TYPE, outcome="cancelled",
+        )
+        SQLiteQueue._log(db, request_id, why, "WARN")
+
     # --- API side -------------------------------------------------------------------------
     def submit(self, endpoint, input, *, owner="", priority=0, webhook_url=None, ephemeral=False,
                start_deadline=None, input_files=None, max_queue_length=None,
@@ -276,13 +288,7 @@ class SQLiteQueue(Queue):
             if row["state"] == COMPLETED:
                 return "completed"
             if row["state"] == IN_QUEUE:
-                self._finish(
-                    db, request_id, status_code=400,
-                    result={"detail": "Request was cancelled", "error_type": "request_cancelled"},
-                    error="Request was cancelled", error_type="request_cancelled",
-                    outcome="cancelled",
-                )
-                self._log(db, request_id, "cancelled while queued", "WARN")
+                self._finish_cancelled(db, request_id, "cancelled while queued")
                 return "cancelled"
             db.execute("UPDATE requests SET cancel_requested=1 WHERE id=?", (request_id,))
             self._log(db, request_id, "cancellation requested", "WARN")
@@ -416,7 +422,9 @@ class SQLiteQueue(Queue):
     def _release(self, db, rows, max_attempts: int, reason: str) -> list[str]:
         ids = []
         for r in rows:
-            if r["attempts"] >= min(max_attempts, r["max_attempts"] or max_attempts):
+            if r["cancel_requested"]:
+                self._finish_cancelled(db, r["id"], f"{reason}; cancelled as requested")
+            elif r["attempts"] >= min(max_attempts, r["max_attempts"] or max_attempts):
                 self._finish(
                     db, r["id"], status_code=503,
                     result={"detail": f"Generation failed: {reason}",
@@ -439,6 +447,13 @@ class SQLiteQueue(Queue):
 
     def release(self, request_id, worker_id) -> bool:
         with self._tx() as db:
+            row = db.execute(
+                "SELECT cancel_requested FROM requests WHERE id=? AND state=? AND worker_id=?",
+                (request_id, IN_PROGRESS, worker_id),
+            ).fetchone()
+            if row is not None and row["cancel_requested"]:
+                self._finish_cancelled(db, request_id, "worker shut down; cancelled as requested")
+                return True
             cur = db.execute(
                 "UPDATE requests SET state=?, worker_id=NULL, started_at=NULL, heartbeat_at=NULL, "
                 "attempts=MAX(attempts-1, 0) WHERE id=? AND state=? AND worker_id=?",
@@ -451,7 +466,8 @@ class SQLiteQueue(Queue):
     def requeue_stale(self, lease_timeout_s, max_attempts):
         with self._tx() as db:
             rows = db.execute(
-                "SELECT id, attempts, max_attempts FROM requests WHERE state=? AND heartbeat_at<?",
+                "SELECT id, attempts, max_attempts, cancel_requested FROM requests "
+                "WHERE state=? AND heartbeat_at<?",
                 (IN_PROGRESS, time.time() - lease_timeout_s),
             ).fetchall()
             self._expire_start_deadlines(db)
@@ -460,7 +476,8 @@ class SQLiteQueue(Queue):
     def release_worker(self, worker_id, max_attempts):
         with self._tx() as db:
             rows = db.execute(
-                "SELECT id, attempts, max_attempts FROM requests WHERE state=? AND worker_id=?",
+                "SELECT id, attempts, max_attempts, cancel_requested FROM requests "
+                "WHERE state=? AND worker_id=?",
                 (IN_PROGRESS, worker_id),
             ).fetchall()
             db.execute("DELETE FROM workers WHERE worker_id=?", (worker_id,))

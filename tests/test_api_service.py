@@ -19,9 +19,15 @@ from pulid_flux.storage.base import KIND_OUTPUT, file_ref
 EP = "/fal-ai/flux-pulid"
 
 
+# The webhook receivers of these tests are on loopback: the operator's allow-list opens it
+# (for webhooks and reference URLs alike); every other internal address stays refused.
+LOOPBACK_ALLOWED = {"fetch_allowed_private_cidrs": ["127.0.0.0/8"]}
+
+
 @pytest.fixture
 def api(tmp_path):
-    with TestClient(create_app(Settings(data_dir=tmp_path, local_workers=0), run_loops=False)) as c:
+    settings = Settings(data_dir=tmp_path, local_workers=0, **LOOPBACK_ALLOWED)
+    with TestClient(create_app(settings, run_loops=False)) as c:
         yield c
 
 
@@ -122,6 +128,8 @@ def test_priority_header_and_webhook_validation(api, body):
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "fal_webhook"]
     ok = api.post(EP, params={"fal_webhook": "http://127.0.0.1:9/hook"}, json=body)
     assert svc(api).queue.get(ok.json()["request_id"]).webhook_url == "http://127.0.0.1:9/hook"
+    r = api.post(EP, params={"fal_webhook": "http://10.0.0.1/hook"}, json=body)  # not allow-listed
+    assert r.status_code == 422 and r.json()["detail"][0]["type"] == "url_not_allowed"
 
 
 def test_status_stream_is_incremental_and_closes(api, body):
@@ -542,7 +550,8 @@ def test_webhooks_resume_after_restart_and_are_sent_once(tmp_path, body):
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     hook = f"http://127.0.0.1:{httpd.server_address[1]}/hook"
-    settings = Settings(data_dir=tmp_path, local_workers=0, webhook_poll_interval_s=0.05)
+    settings = Settings(data_dir=tmp_path, local_workers=0, webhook_poll_interval_s=0.05,
+                        **LOOPBACK_ALLOWED)
     try:
         # Completed while no server ran its delivery loop (e.g. the server was down).
         with TestClient(create_app(settings, run_loops=False)) as api:

@@ -199,7 +199,8 @@ class Settings(BaseSettings):
     fetch_max_redirects: int = Field(3, ge=0, le=20)
     fetch_allowed_private_cidrs: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Private/loopback networks reference URLs may point into (SSRF allow-list).",
+        description="Private/loopback networks reference and webhook URLs may point into "
+        "(SSRF allow-list), e.g. 127.0.0.0/8 for a receiver on this host.",
     )
 
     # --- storage -----------------------------------------------------------------------------

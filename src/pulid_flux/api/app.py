@@ -121,7 +121,8 @@ async def webhook_loop(svc: Services) -> None:
     from ..webhooks import WebhookSender, build_payload
 
     s = svc.settings
-    sender = WebhookSender(svc.webhook_signer, max_attempts=s.webhook_max_attempts,
+    sender = WebhookSender(svc.webhook_signer, policy=svc.fetch_policy,
+                           max_attempts=s.webhook_max_attempts,
                            base_delay_s=s.webhook_base_delay_s, max_delay_s=s.webhook_max_delay_s,
                            timeout_s=s.webhook_timeout_s)
     in_flight: set[str] = set()

@@ -199,12 +199,15 @@ async def submit(request: Request, body: FluxPulidInput = Body(...),
         return unprocessable([error_detail("x-fal-queue-priority", "must be 'normal' or 'low'", "enum",
                                            where="header")])
     if fal_webhook is not None:
+        from ..fetch import ReferenceImageError
         from ..webhooks import validate_webhook_url
 
         try:
-            fal_webhook = validate_webhook_url(fal_webhook)
-        except ValueError as exc:
-            return unprocessable([error_detail("fal_webhook", str(exc), "url_parsing", where="query")])
+            # The address policy of reference fetching: no internal targets (checked again
+            # at every delivery attempt).
+            fal_webhook = await validate_webhook_url(fal_webhook, svc.fetch_policy)
+        except ReferenceImageError as exc:
+            return unprocessable([error_detail("fal_webhook", exc.msg, exc.type, where="query")])
     job = await accept(request, body, priority=PRIORITIES[priority_name], webhook_url=fal_webhook)
     if isinstance(job, Response):
         return job

@@ -17,6 +17,15 @@ import pytest as _pytest
 from loopback import free_port
 
 
+@_pytest.fixture(scope="session", autouse=True)
+def _testclient_host():
+    """Starlette's TestClient sends `Host: testserver`; the keyless server's DNS-rebinding guard
+    accepts it only as a configured name (tests of the guard set allowed_hosts themselves)."""
+    with _pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PULID_FLUX_ALLOWED_HOSTS", "testserver")
+        yield
+
+
 def _png_bytes(array) -> bytes:
     from PIL import Image
 

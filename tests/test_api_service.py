@@ -571,3 +571,34 @@ def test_webhooks_resume_after_restart_and_are_sent_once(tmp_path, body):
         assert len(received) == 1
     finally:
         httpd.shutdown()
+
+
+# --- DNS-rebinding guard (no API keys) ---------------------------------------------------------
+
+@pytest.mark.parametrize("host,allowed", [
+    ("127.0.0.1:8000", True), ("localhost:8000", True), ("LOCALHOST", True), ("[::1]:8000", True),
+    ("app.localhost:8000", True), ("192.168.1.20:8000", True), ("my.box:8000", True),
+    ("files.example.org", True),  # public_url's host
+    ("evil.example:8000", False), ("testserver", False), ("127.0.0.1.nip.io", False),
+    ("0x7f000001:8000", False), ("2130706433", False), ("[::1", False), ("127.0.0.1:80x", False),
+    ("", False),
+])
+def test_without_keys_only_this_servers_names_are_answered(tmp_path, host, allowed):
+    settings = Settings(data_dir=tmp_path, local_workers=0, allowed_hosts=["my.box"],
+                        public_url="https://files.example.org")
+    with TestClient(create_app(settings, run_loops=False)) as api:
+        for method, path in (("GET", "/health"), ("GET", f"{EP}/requests/x/status"), ("GET", "/"),
+                             ("OPTIONS", EP)):
+            r = api.request(method, path, headers={"host": host, "origin": "http://evil.example",
+                                                   "access-control-request-method": "POST"})
+            if allowed:
+                assert r.status_code != 400, (host, path)
+            else:
+                assert r.status_code == 400 and "Host" in r.json()["detail"], (host, path)
+
+
+def test_host_guard_is_off_with_keys_or_a_wildcard(tmp_path):
+    for extra in ({"api_keys": "alpha"}, {"allowed_hosts": ["*"]}):
+        with TestClient(create_app(Settings(data_dir=tmp_path, local_workers=0, **extra),
+                                   run_loops=False)) as api:
+            assert api.get("/health", headers={"host": "evil.example"}).status_code == 200

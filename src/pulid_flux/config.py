@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["*"], description="Origins allowed to call the API from a browser."
     )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Without API keys, requests must name this server in `Host`: an IP address, "
+        "localhost, public_url's host, or one of these names (DNS-rebinding guard); `*` = any.",
+    )
     log_level: str = "info"
 
     # --- model / workers ---------------------------------------------------------------
@@ -230,7 +235,8 @@ class Settings(BaseSettings):
     webhook_max_delay_s: float = Field(1800.0, gt=0, description="Longest wait between tries.")
     webhook_timeout_s: float = Field(15.0, gt=0, description="Time allowed for one attempt.")
 
-    @field_validator("api_keys", "cors_origins", "fetch_allowed_private_cidrs", mode="before")
+    @field_validator("api_keys", "cors_origins", "fetch_allowed_private_cidrs", "allowed_hosts",
+                     mode="before")
     @classmethod
     def _lists(cls, value):
         return _split_list(value)

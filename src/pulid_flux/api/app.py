@@ -29,6 +29,7 @@ from ..queue.base import WEBHOOK_DELIVERED, WEBHOOK_FAILED, Queue
 from ..storage.base import KIND_UPLOAD, Storage
 from . import routes_queue, routes_storage
 from .auth import Auth, load_or_create_secret
+from .hosts import HostCheckMiddleware
 from .proxy import BodyLimitMiddleware, FalProxyMiddleware, InternalErrorMiddleware
 from .services import Services
 
@@ -276,4 +277,8 @@ def create_app(settings: Optional[Settings] = None, *, services: Optional[Servic
         allow_headers=["*"],
         expose_headers=["x-fal-request-id", "x-fal-error-type", "x-fal-request-timeout-type", "etag"],
     )
+    if not settings.api_keys:
+        # Outermost: a DNS-rebinding page gets nothing, not even a CORS preflight (api/hosts.py).
+        app.add_middleware(HostCheckMiddleware, allowed=settings.allowed_hosts,
+                           public_url=settings.public_url)
     return app

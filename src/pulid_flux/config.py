@@ -117,6 +117,25 @@ class Settings(BaseSettings):
 
     # --- queue and retention -------------------------------------------------------------
     max_queue_length: int = Field(1000, ge=1, description="Waiting requests beyond this get 429.")
+    # Per-key fairness (only with API keys: without them there is one user). Over a limit: 429.
+    max_active_requests_per_key: int = Field(
+        100, ge=1, description="Queued + running requests one key may have at once.",
+    )
+    max_status_streams_per_key: int = Field(
+        32, ge=1, description="Status streams (SSE) one key may hold open at once, per API process.",
+    )
+    max_stored_bytes_per_key: int = Field(
+        10 * 1024**3, ge=0, description="Bytes one key may keep in storage (uploads + outputs); "
+        "at or over it, uploads and submits get 429 until files expire.",
+    )
+    max_request_cost: int = Field(
+        2048 * 2048 * 50 * 2, ge=1, description="Largest width × height × steps × passes (2 with "
+        "true_cfg > 1) × num_images of one request (422 beyond). Default: one 2048² image, 50 "
+        "steps, true CFG.",
+    )
+    limit_retry_after_s: int = Field(
+        10, ge=1, description="`Retry-After` sent with a per-key 429.",
+    )
     result_ttl_s: float = Field(
         3600.0, gt=0, description="Completed requests and their files are deleted after this."
     )

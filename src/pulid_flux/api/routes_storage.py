@@ -119,6 +119,9 @@ async def client_token(request: Request, body: Optional[TokenBody] = None):
 
 async def _initiate(request: Request, body: Optional[InitiateBody], multipart: bool):
     svc = services(request)
+    full = await svc.owner_limits.storage_full(svc.storage, request.state.owner)  # per-key limit
+    if full is not None:
+        return full
     body = body or InitiateBody()
     meta = await asyncio.to_thread(
         svc.storage.reserve, content_type=body.content_type or DEFAULT_CONTENT_TYPE,
@@ -216,6 +219,9 @@ async def complete_multipart(request: Request, file_id: str):
 async def cdn_upload(request: Request):
     svc = services(request)
     expires_at = upload_expiry(request)  # a bad header is refused before the body is read
+    full = await svc.owner_limits.storage_full(svc.storage, request.state.owner)  # per-key limit
+    if full is not None:
+        return full
     try:
         data = await read_limited(request, svc.settings.max_upload_bytes)
     except TooLarge:
@@ -232,6 +238,9 @@ async def cdn_upload(request: Request):
 @cdn.post("/files/upload/multipart")
 async def cdn_multipart(request: Request):
     svc = services(request)
+    full = await svc.owner_limits.storage_full(svc.storage, request.state.owner)  # per-key limit
+    if full is not None:
+        return full
     meta = await asyncio.to_thread(
         svc.storage.reserve,
         content_type=request.headers.get("content-type") or DEFAULT_CONTENT_TYPE,

@@ -824,3 +824,39 @@ def test_many_streams_of_one_request_share_one_reader(served, body):
         assert [e["status"] for e in events][-1] == "COMPLETED"
         logs = [entry["message"] for e in events for entry in e["logs"] or []]
         assert logs.count("hello") == 1  # incremental for every subscriber
+
+
+def test_status_stream_reads_stay_within_their_budget(served, body):
+    import asyncio
+
+    import httpx
+
+    url, services = served(status_poll_interval_s=0.05, status_stream_reads_per_s=10)
+    n = 10
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            ids = [(await http.post(EP, json=body)).json()["request_id"] for _ in range(n)]
+            opened = []
+
+            async def watch(rid):
+                async with http.stream("GET", f"{EP}/requests/{rid}/status/stream") as s:
+                    lines = s.aiter_lines()
+                    await _next_event(lines)
+                    opened.append(rid)
+                    async for _ in lines:
+                        pass
+
+            tasks = [asyncio.create_task(watch(rid)) for rid in ids]
+            while len(opened) < n:
+                await asyncio.sleep(0.05)
+            services.queue.gets = 0
+            await asyncio.sleep(2.0)
+            reads = services.queue.gets
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return reads
+
+    # 10 watched requests at 10 reads/s: each is read once a second (not 20 times).
+    assert asyncio.run(scenario()) <= 2 * 10 + 10

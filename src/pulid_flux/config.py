@@ -148,6 +148,11 @@ class Settings(BaseSettings):
         0.05, gt=0, description="How often waiting HTTP handlers (run, SSE) re-read the queue."
     )
     sse_keepalive_s: float = Field(15.0, gt=0, description="SSE comment period on quiet streams.")
+    status_stream_reads_per_s: float = Field(
+        400.0, gt=0, description="Requests the status streams of one API process read per second, "
+        "together (one read serves every stream of a request): with many watched requests each is "
+        "read less often than status_poll_interval_s, so streams cannot crowd out other work.",
+    )
 
     # --- distributed backends (docs/deployment.md) --------------------------------------------
     queue_url: Optional[str] = Field(

@@ -3,7 +3,8 @@
 Each watched request has one ``Watch``: its latest state, queue position, the log lines seen so
 far and the newest preview. A single task reads every watched request once per tick (in one
 thread hop) and wakes its subscribers, so N streams on one request cost one read per tick, not
-N, and M watched requests cost one thread hop per tick, not M.
+N, and M watched requests cost one thread hop per tick, not M. The tick stretches with M so that
+the reads stay within ``status_stream_reads_per_s``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from ..engine.preview import PREVIEW_LOG_PREFIX
 from ..queue.base import COMPLETED, IN_QUEUE, Job
 
 log = logging.getLogger(__name__)
+
+READS_PER_HOP = 20
 
 
 def split_previews(entries: list[dict]) -> tuple[list[dict], Optional[str]]:
@@ -107,9 +110,15 @@ class StatusHub:
         # Ends when nobody watches; the next subscriber starts a new one.
         while self._watches:
             watches = list(self._watches.values())
-            for w, read in zip(watches, await asyncio.to_thread(self._read, watches)):
-                if read is not None:
-                    w.apply(*read)
-                if w.done and self._watches.get(w.request_id) is w:
-                    del self._watches[w.request_id]  # its subscribers keep the final state
-            await asyncio.sleep(self.svc.settings.status_poll_interval_s)
+            # A few requests per thread hop: the reads never hold the interpreter for long at a
+            # time, so other requests (/health) are served in between.
+            for start in range(0, len(watches), READS_PER_HOP):
+                chunk = watches[start:start + READS_PER_HOP]
+                for w, read in zip(chunk, await asyncio.to_thread(self._read, chunk)):
+                    if read is not None:
+                        w.apply(*read)
+                    if w.done and self._watches.get(w.request_id) is w:
+                        del self._watches[w.request_id]  # its subscribers keep the final state
+            settings = self.svc.settings
+            await asyncio.sleep(max(settings.status_poll_interval_s,
+                                    len(watches) / settings.status_stream_reads_per_s))

@@ -64,7 +64,7 @@ class OwnerLimits:
     def submit_lock(self, owner: str):
         return self._locks[owner] if self.enabled else contextlib.nullcontext()
 
-    def active_refusal(self, owner: str, active: int) -> Optional[str]:
+    def active_refusal(self, active: int) -> Optional[str]:
         limit = self.settings.max_active_requests_per_key
         if self.enabled and active >= limit:
             return (f"This key already has {active} requests queued or running (limit {limit}); "

@@ -152,7 +152,7 @@ async def accept(request: Request, body: FluxPulidInput, *, priority: int = 0,
         # Count and submit under the key's lock: a burst from one key cannot all pass together.
         async with limits.submit_lock(owner):
             if limits.enabled:
-                refusal = limits.active_refusal(owner, await asyncio.to_thread(svc.queue.active_count, owner))
+                refusal = limits.active_refusal(await asyncio.to_thread(svc.queue.active_count, owner))
             if refusal is None:
                 job = await asyncio.to_thread(
                     svc.queue.submit, ENDPOINT_ID, stored, owner=owner, priority=priority,

@@ -64,11 +64,12 @@ class OwnerLimits:
     def submit_lock(self, owner: str):
         return self._locks[owner] if self.enabled else contextlib.nullcontext()
 
-    def active_refusal(self, active: int) -> Optional[str]:
+    def active_refusal(self, active: int) -> Optional[JSONResponse]:
+        """The 429 for a key with ``active`` requests queued or running, or None."""
         limit = self.settings.max_active_requests_per_key
         if self.enabled and active >= limit:
-            return (f"This key already has {active} requests queued or running (limit {limit}); "
-                    "wait for some to finish")
+            return too_many(f"This key already has {active} requests queued or running (limit "
+                            f"{limit}); wait for some to finish", self.settings)
         return None
 
     async def storage_full(self, storage, owner: str) -> Optional[JSONResponse]:

@@ -147,7 +147,7 @@ async def accept(request: Request, body: FluxPulidInput, *, priority: int = 0,
             start_deadline = time.time() + max(1.0, float(timeout_header))
         except ValueError:
             pass
-    refusal = None
+    refusal: Optional[JSONResponse] = None
     try:
         # Count and submit under the key's lock: a burst from one key cannot all pass together.
         async with limits.submit_lock(owner):
@@ -171,7 +171,7 @@ async def accept(request: Request, body: FluxPulidInput, *, priority: int = 0,
     if refusal is not None:
         for fid in files:
             svc.storage.delete(fid)
-        return refusal if isinstance(refusal, Response) else too_many(refusal, svc.settings)
+        return refusal
     await asyncio.to_thread(
         svc.queue.add_log, job.id,
         f"queued: {width}x{height}, {body.num_inference_steps} steps, {len(files)} reference(s)",

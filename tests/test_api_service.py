@@ -666,13 +666,14 @@ def test_stored_bytes_per_key(fair, body):
     ("127.0.0.1:8000", True), ("localhost:8000", True), ("LOCALHOST", True), ("[::1]:8000", True),
     ("app.localhost:8000", True), ("192.168.1.20:8000", True), ("my.box:8000", True),
     ("files.example.org", True),  # public_url's host
+    ("box.lan:8000", True),  # the bind host
     ("evil.example:8000", False), ("testserver", False), ("127.0.0.1.nip.io", False),
     ("0x7f000001:8000", False), ("2130706433", False), ("[::1", False), ("127.0.0.1:80x", False),
     ("", False),
 ])
 def test_without_keys_only_this_servers_names_are_answered(tmp_path, host, allowed):
     settings = Settings(data_dir=tmp_path, local_workers=0, allowed_hosts=["my.box"],
-                        public_url="https://files.example.org")
+                        public_url="https://files.example.org", host="box.lan")
     with TestClient(create_app(settings, run_loops=False)) as api:
         for method, path in (("GET", "/health"), ("GET", f"{EP}/requests/x/status"), ("GET", "/"),
                              ("OPTIONS", EP)):

@@ -279,6 +279,6 @@ def create_app(settings: Optional[Settings] = None, *, services: Optional[Servic
     )
     if not settings.api_keys:
         # Outermost: a DNS-rebinding page gets nothing, not even a CORS preflight (api/hosts.py).
-        app.add_middleware(HostCheckMiddleware, allowed=settings.allowed_hosts,
+        app.add_middleware(HostCheckMiddleware, allowed=[*settings.allowed_hosts, settings.bind_host],
                            public_url=settings.public_url)
     return app

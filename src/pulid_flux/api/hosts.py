@@ -5,7 +5,7 @@ a loopback port by making its own name resolve to 127.0.0.1 (DNS rebinding): the
 treats this API as that site, same-origin. Such requests carry the attacker's name in ``Host``.
 So, without keys, ``Host`` must be an IP address (no DNS involved, so nothing to rebind),
 ``localhost`` or a ``*.localhost`` name (browsers resolve those to loopback themselves), the host
-of ``public_url``, or one of the ``allowed_hosts`` setting; anything else gets a 400.
+of ``public_url``, the bind host, or one of the ``allowed_hosts`` setting; anything else gets a 400.
 """
 
 from __future__ import annotations

@@ -18,9 +18,14 @@ dir, and stops it at the end. Prints Markdown tables with the machine and settin
                (``POST /cdn/files/upload``, chunked, no Content-Length) and the same bytes as a
                multipart upload (10 MiB parts, 10 at once, as fal's Python client sends them):
                RSS before, peak growth (goal: <= 64 MiB), MiB/s. Runs without a worker.
+  5. streams   ``GET /health`` latency (one sequential prober, T seconds) while S status streams
+               (SSE) are open: none, all S on one queued request, and S on S queued requests; on
+               a second server without a worker, so every request stays queued and every stream
+               stays open. Also the server process's CPU use meanwhile. Goal: p99 <= 50 ms.
 
     python benchmarks/bench_service.py [--requests 20] [--clients 50] [--seconds 10] [--burst 1000]
-                                       [--upload-mib 600] [--only overhead,status,burst,upload-rss]
+                                       [--upload-mib 600] [--streams 200]
+                                       [--only overhead,status,burst,upload-rss,streams]
 
 The client shares the machine with the server and its worker: on a small CPU box the numbers
 include that contention (the load average is printed with each table).
@@ -95,9 +100,9 @@ def body_for(uri: str, steps: int) -> dict:
 class Server:
     """One ``pulid-flux serve --model tiny`` subprocess on a free loopback port."""
 
-    def __init__(self, data_dir: Path, env: dict[str, str], need_worker: bool = True):
-        self.need_worker = need_worker
+    def __init__(self, data_dir: Path, env: dict[str, str], args: tuple[str, ...] = ()):
         self.data_dir = data_dir
+        self.args = args
         self.port = free_port()
         self.env = env
         self.url = f"http://127.0.0.1:{self.port}"
@@ -109,14 +114,15 @@ class Server:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pulid_flux.cli", "serve", "--model", "tiny", "--host",
-             "127.0.0.1", "--port", str(self.port), "--data-dir", str(self.data_dir)],
+             "127.0.0.1", "--port", str(self.port), "--data-dir", str(self.data_dir), *self.args],
             env=env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=5).json().get("ready") or not self.need_worker:
+                health = httpx.get(f"{self.url}/health", timeout=5).json()
+                if health.get("ready") or "--no-worker" in self.args:
                     return
             except (httpx.HTTPError, ValueError):
                 pass
@@ -415,6 +421,88 @@ def bench_upload_rss(server: Server, mib: int) -> list[str]:
             "|---|---:|---:|---:|---:|---:|", *rows]
 
 
+# --- 4. /health while status streams are open -----------------------------------------------
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+async def _health_with_streams(base: str, request_ids: list[str], streams: int, seconds: float,
+                               pid: int):
+    limits = httpx.Limits(max_connections=streams + 8, max_keepalive_connections=streams + 8)
+    opened = failed = 0
+
+    async def hold(http: httpx.AsyncClient, rid: str) -> None:
+        nonlocal opened, failed
+        try:
+            async with http.stream("GET", f"/{EP}/requests/{rid}/status/stream?logs=1") as s:
+                if s.status_code != 200:
+                    failed += 1
+                    return
+                lines = s.aiter_lines()  # kept: an abandoned iterator would close the stream
+                async for line in lines:
+                    if line.startswith("data: "):
+                        opened += 1
+                        break
+                async for _ in lines:
+                    pass
+        except httpx.HTTPError:
+            failed += 1
+
+    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as http:
+        tasks = [asyncio.create_task(hold(http, request_ids[i % len(request_ids)]))
+                 for i in range(streams)]
+        deadline = time.monotonic() + 120
+        while opened + failed < streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        lat: list[float] = []
+        non2xx = 0
+        cpu0, t_start = _cpu_seconds(pid), time.perf_counter()
+        async with httpx.AsyncClient(base_url=base, timeout=30) as probe:
+            while time.perf_counter() - t_start < seconds:
+                t0 = time.perf_counter()
+                r = await probe.get("/health")
+                lat.append(time.perf_counter() - t0)
+                non2xx += not 200 <= r.status_code < 300
+                await asyncio.sleep(0.02)
+        cpu = (_cpu_seconds(pid) - cpu0) / (time.perf_counter() - t_start)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return lat, opened, failed, non2xx, cpu
+
+
+def bench_streams(tmp: Path, env: dict[str, str], uri: str, streams: int, seconds: float) -> list[str]:
+    server = Server(tmp / "streams-data", env, ("--no-worker",))
+    server.start()
+    try:
+        ids = []
+        for _ in range(streams):
+            r = httpx.post(f"{server.url}/{EP}", json=body_for(uri, 4), timeout=60)
+            r.raise_for_status()
+            ids.append(r.json()["request_id"])
+        rows = []
+        for label, targets, n in (("none", ids[:1], 0), (f"{streams} on 1 request", ids[:1], streams),
+                                  (f"{streams} on {streams} requests", ids, streams)):
+            lat, opened, failed, non2xx, cpu = asyncio.run(
+                _health_with_streams(server.url, targets, n, seconds, server.proc.pid))
+            rows.append(f"| {label} | {opened} | {failed} | {len(lat)} | {statistics.median(lat) * 1e3:.1f} | "
+                        f"{pct(lat, 99) * 1e3:.1f} | {max(lat) * 1e3:.1f} | {non2xx} | {cpu * 100:.0f}% |")
+    finally:
+        server.stop()
+    return [
+        f"### `/health` latency with open status streams (one sequential prober, {seconds:g} s; "
+        "`serve --no-worker`, every request queued, so every stream stays open; goal p99 <= 50 ms)",
+        "",
+        machine_line(),
+        "",
+        "| open streams | opened | refused | probes | p50 (ms) | p99 (ms) | max (ms) | non-2xx | server CPU |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=20, help="N of the overhead table")
@@ -428,8 +516,9 @@ def main() -> int:
     ap.add_argument("--burst-timeout", type=float, default=None,
                     help="give up after this many seconds (default: max(600, 3 s per request))")
     ap.add_argument("--upload-mib", type=int, default=600, help="U MiB of the upload-rss table")
-    ap.add_argument("--only", default="overhead,status,burst,upload-rss",
-                    help="comma-separated subset of overhead,status,burst,upload-rss")
+    ap.add_argument("--streams", type=int, default=200, help="S open status streams")
+    ap.add_argument("--only", default="overhead,status,burst,upload-rss,streams",
+                    help="comma-separated subset of overhead,status,burst,upload-rss,streams")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (server log)")
     args = ap.parse_args()
     parts = set(args.only.split(","))
@@ -442,7 +531,7 @@ def main() -> int:
     if not engine_parts:  # the upload table needs no worker
         env["PULID_FLUX_LOCAL_WORKERS"] = "0"
     env["PULID_FLUX_MAX_UPLOAD_BYTES"] = str(max(1 << 30, (args.upload_mib + 10) << 20))
-    server = Server(tmp / "data", env, need_worker=bool(engine_parts))
+    server = Server(tmp / "data", env, () if engine_parts else ("--no-worker",))
     png = reference_png()
     uri = "data:image/png;base64," + base64.b64encode(png).decode()
     print(f"# Service benchmark\n\n`pulid-flux serve --model tiny` (1 local worker, embedded "
@@ -450,7 +539,8 @@ def main() -> int:
           f"env {' '.join(f'{k}={v}' for k, v in env.items())}; reference PNG {len(png)} bytes "
           f"({len(uri)} chars as a data URI)\n", flush=True)
     try:
-        server.start()
+        if parts - {"streams"}:
+            server.start()
         status_id = None
         if "overhead" in parts:
             lines, status_id = bench_overhead(server, png, uri, args.requests, args.steps)
@@ -468,6 +558,9 @@ def main() -> int:
                   flush=True)
         if "upload-rss" in parts:
             print("\n".join(bench_upload_rss(server, args.upload_mib)) + "\n", flush=True)
+        server.stop()  # the streams table has a server of its own, alone on the cores
+        if "streams" in parts:
+            print("\n".join(bench_streams(tmp, env, uri, args.streams, args.seconds)) + "\n", flush=True)
     finally:
         server.stop()
         if args.keep:

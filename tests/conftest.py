@@ -41,6 +41,15 @@ def screenshots_dir(pytestconfig) -> _Path:
     return _Path(pytestconfig.getoption("screenshots_dir")).resolve()
 
 
+@_pytest.fixture(scope="session", autouse=True)
+def _testclient_host():
+    """Starlette's TestClient sends `Host: testserver`; the keyless server's DNS-rebinding guard
+    accepts it only as a configured name (tests of the guard set allowed_hosts themselves)."""
+    with _pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PULID_FLUX_ALLOWED_HOSTS", "testserver")
+        yield
+
+
 def _png_bytes(array) -> bytes:
     from PIL import Image
 
@@ -193,6 +202,9 @@ LIVE_ENV = {
     "PULID_FLUX_HEARTBEAT_INTERVAL_S": "0.25",
     "PULID_FLUX_LEASE_TIMEOUT_S": "4",
     "PULID_FLUX_WORKER_WARMUP": "1",  # the default, kept on here: its workers warm up
+    # Webhook receivers of the client tests listen on loopback, which the address policy
+    # refuses unless the operator allows it.
+    "PULID_FLUX_FETCH_ALLOWED_PRIVATE_CIDRS": "127.0.0.0/8",
 }
 
 

@@ -135,12 +135,15 @@ def test_bounds_are_inclusive(api, base, astronaut_uri):
     low = {**base, "num_inference_steps": 1, "guidance_scale": 0, "start_step": 0, "true_cfg": 1,
            "id_weight": 0, "seed": 0, "num_images": 1, "face_index": 0, "end_step": 1,
            "image_size": {"width": 256, "height": 256}, "max_sequence_length": "256"}
+    # Each field at its bound; together they meet max_request_cost exactly (one 2048² image, 50
+    # steps, 2 passes), as do 4 images at 1024².
     high = {**base, "num_inference_steps": 50, "guidance_scale": 20, "start_step": 49,
-            "end_step": 50, "true_cfg": 10, "id_weight": 1, "seed": 2**64 - 1, "num_images": 4,
+            "end_step": 50, "true_cfg": 10, "id_weight": 1, "seed": 2**64 - 1, "num_images": 1,
             "image_size": {"width": 2048, "height": 2048}, "max_sequence_length": "512",
             "reference_image_urls": [astronaut_uri] * 3, "output_format": "webp",
             "negative_prompt": "blurry", "sync_mode": True, "enable_safety_checker": False}
-    for body in (low, high):
+    many = {**high, "num_images": 4, "image_size": {"width": 1024, "height": 1024}}
+    for body in (low, high, many):
         r = api.post(EP, json=body)
         assert r.status_code == 200, r.text
     inp = stored(api, r.json()["request_id"]).input

@@ -19,9 +19,15 @@ from pulid_flux.storage.base import KIND_OUTPUT, file_ref
 EP = "/fal-ai/flux-pulid"
 
 
+# The webhook receivers of these tests are on loopback: the operator's allow-list opens it
+# (for webhooks and reference URLs alike); every other internal address stays refused.
+LOOPBACK_ALLOWED = {"fetch_allowed_private_cidrs": ["127.0.0.0/8"]}
+
+
 @pytest.fixture
 def api(tmp_path):
-    with TestClient(create_app(Settings(data_dir=tmp_path, local_workers=0), run_loops=False)) as c:
+    settings = Settings(data_dir=tmp_path, local_workers=0, **LOOPBACK_ALLOWED)
+    with TestClient(create_app(settings, run_loops=False)) as c:
         yield c
 
 
@@ -122,6 +128,8 @@ def test_priority_header_and_webhook_validation(api, body):
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "fal_webhook"]
     ok = api.post(EP, params={"fal_webhook": "http://127.0.0.1:9/hook"}, json=body)
     assert svc(api).queue.get(ok.json()["request_id"]).webhook_url == "http://127.0.0.1:9/hook"
+    r = api.post(EP, params={"fal_webhook": "http://10.0.0.1/hook"}, json=body)  # not allow-listed
+    assert r.status_code == 422 and r.json()["detail"][0]["type"] == "url_not_allowed"
 
 
 def test_status_stream_is_incremental_and_closes(api, body):
@@ -545,7 +553,8 @@ def test_webhooks_resume_after_restart_and_are_sent_once(tmp_path, body):
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     hook = f"http://127.0.0.1:{httpd.server_address[1]}/hook"
-    settings = Settings(data_dir=tmp_path, local_workers=0, webhook_poll_interval_s=0.05)
+    settings = Settings(data_dir=tmp_path, local_workers=0, webhook_poll_interval_s=0.05,
+                        **LOOPBACK_ALLOWED)
     try:
         # Completed while no server ran its delivery loop (e.g. the server was down).
         with TestClient(create_app(settings, run_loops=False)) as api:
@@ -565,3 +574,293 @@ def test_webhooks_resume_after_restart_and_are_sent_once(tmp_path, body):
         assert len(received) == 1
     finally:
         httpd.shutdown()
+
+
+# --- per-key fairness (both queue backends) ----------------------------------------------------
+
+from test_queue_contract import needs_redis, redis_server  # noqa: E402,F401  (fixture)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=needs_redis)])
+def fair(request, tmp_path):
+    """A factory of keyed in-process APIs (keys alpha and beta) on the chosen queue backend."""
+    backend = {}
+    if request.param == "redis":
+        import uuid
+
+        backend = {"queue_url": request.getfixturevalue("redis_server").url,
+                   "redis_key_prefix": f"fair-{uuid.uuid4().hex[:8]}:"}
+    clients = []
+
+    def make(**limits) -> TestClient:
+        settings = Settings(data_dir=tmp_path, local_workers=0, api_keys="alpha,beta", **backend, **limits)
+        client = TestClient(create_app(settings, run_loops=False))
+        clients.append(client.__enter__())
+        return client
+
+    yield make
+    for c in clients:
+        c.__exit__(None, None, None)
+
+
+def assert_limited(r):
+    """fal's error body, 429, and a Retry-After the clients' backoff can honour."""
+    assert r.status_code == 429, r.text
+    assert r.json()["error_type"] == "rate_limited" and isinstance(r.json()["detail"], str)
+    assert int(r.headers["retry-after"]) > 0 and r.headers["x-fal-error-type"] == "rate_limited"
+
+
+def test_one_key_cannot_fill_the_queue_for_the_others(fair, body):
+    api = fair(max_active_requests_per_key=2)
+    first = [api.post(EP, json=body, headers=A).json()["request_id"] for _ in range(2)]
+    assert_limited(api.post(EP, json=body, headers=A))
+    assert_limited(api.post("/run/fal-ai/flux-pulid", json=body, headers=A))  # sync runs count too
+    assert api.post(EP, json=body, headers=B).status_code == 200  # the other key is unaffected
+    finish(api, first[0], result={"ok": 1})  # running still counts; completed frees the slot
+    assert api.post(EP, json=body, headers=A).status_code == 200
+    assert_limited(api.post(EP, json=body, headers=A))
+
+
+def test_a_burst_from_one_key_is_counted_exactly(fair, body):
+    from concurrent.futures import ThreadPoolExecutor
+
+    api = fair(max_active_requests_per_key=3)
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda _: api.post(EP, json=body, headers=A), range(8)))
+    assert sorted(r.status_code for r in responses) == [200] * 3 + [429] * 5
+    owner = svc(api).queue.get(next(r for r in responses if r.status_code == 200).json()["request_id"]).owner
+    assert svc(api).queue.active_count(owner) == 3
+
+
+def test_request_cost_cap_is_a_422_naming_the_fields(fair, body):
+    api = fair(max_request_cost=1024 * 1024 * 20)
+    ok = {**body, "image_size": {"width": 1024, "height": 1024}, "num_inference_steps": 20}
+    assert api.post(EP, json=ok, headers=A).status_code == 200
+    for change in ({"num_images": 2}, {"true_cfg": 1.5}, {"num_inference_steps": 21}):
+        r = api.post(EP, json={**ok, **change}, headers=A)
+        assert r.status_code == 422, r.text
+        (entry,) = r.json()["detail"]
+        assert entry["loc"] == ["body", "image_size"] and entry["type"] == "request_too_costly"
+        for name in ("image_size", "num_inference_steps", "num_images", "true_cfg"):
+            assert name in entry["msg"]
+        assert entry["ctx"]["limit"] == 1024 * 1024 * 20 and entry["ctx"]["cost"] > entry["ctx"]["limit"]
+
+
+def test_stored_bytes_per_key(fair, body):
+    api = fair(max_stored_bytes_per_key=5000)
+    assert api.post("/cdn/files/upload", content=b"x" * 6000, headers=A).status_code == 200
+    # At its limit the key stores nothing new: no upload, no initiate, no request (outputs).
+    assert_limited(api.post("/cdn/files/upload", content=b"x", headers=A))
+    assert_limited(api.post("/cdn/files/upload/multipart", headers=A))
+    assert_limited(api.post("/rest/storage/upload/initiate", headers=A,
+                            json={"content_type": "image/png", "file_name": "a.png"}))
+    assert_limited(api.post(EP, json=body, headers=A))
+    assert api.post("/cdn/files/upload", content=b"y" * 100, headers=B).status_code == 200
+    by_owner = {}
+    for meta in svc(api).storage.files():
+        by_owner[meta.owner] = by_owner.get(meta.owner, 0) + meta.size
+    assert sorted(by_owner.values()) == [100, 6000]
+    assert {svc(api).storage.owner_bytes(o) for o in by_owner} == {100, 6000}
+
+
+# --- DNS-rebinding guard (no API keys) ---------------------------------------------------------
+
+@pytest.mark.parametrize("host,allowed", [
+    ("127.0.0.1:8000", True), ("localhost:8000", True), ("LOCALHOST", True), ("[::1]:8000", True),
+    ("app.localhost:8000", True), ("192.168.1.20:8000", True), ("my.box:8000", True),
+    ("files.example.org", True),  # public_url's host
+    ("box.lan:8000", True),  # the bind host
+    ("evil.example:8000", False), ("testserver", False), ("127.0.0.1.nip.io", False),
+    ("0x7f000001:8000", False), ("2130706433", False), ("[::1", False), ("127.0.0.1:80x", False),
+    ("", False),
+])
+def test_without_keys_only_this_servers_names_are_answered(tmp_path, host, allowed):
+    settings = Settings(data_dir=tmp_path, local_workers=0, allowed_hosts=["my.box"],
+                        public_url="https://files.example.org", host="box.lan")
+    with TestClient(create_app(settings, run_loops=False)) as api:
+        for method, path in (("GET", "/health"), ("GET", f"{EP}/requests/x/status"), ("GET", "/"),
+                             ("OPTIONS", EP)):
+            r = api.request(method, path, headers={"host": host, "origin": "http://evil.example",
+                                                   "access-control-request-method": "POST"})
+            if allowed:
+                assert r.status_code != 400, (host, path)
+            else:
+                assert r.status_code == 400 and "Host" in r.json()["detail"], (host, path)
+
+
+def test_host_guard_is_off_with_keys_or_a_wildcard(tmp_path):
+    for extra in ({"api_keys": "alpha"}, {"allowed_hosts": ["*"]}):
+        with TestClient(create_app(Settings(data_dir=tmp_path, local_workers=0, **extra),
+                                   run_loops=False)) as api:
+            assert api.get("/health", headers={"host": "evil.example"}).status_code == 200
+
+
+# --- status streams: per-key limit and one shared reader per request ---------------------------
+
+class CountingQueue:
+    """The real queue, counting the reads status streams make."""
+
+    def __init__(self, inner):
+        self.inner, self.gets = inner, 0
+
+    def get(self, request_id):
+        self.gets += 1
+        return self.inner.get(request_id)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A factory: the app (on a counting SQLite queue) under a real uvicorn on a loopback port,
+    so that SSE streams stay open while others are tried."""
+    import uvicorn
+
+    from loopback import free_port
+    from pulid_flux.api.app import build_services
+    from pulid_flux.queue.sqlite import SQLiteQueue
+
+    servers = []
+
+    def serve(**settings_kw):
+        settings = Settings(data_dir=tmp_path, local_workers=0, **settings_kw)
+        queue = CountingQueue(SQLiteQueue(tmp_path / "q.sqlite3"))
+        app = create_app(settings, services=build_services(settings, queue=queue), run_loops=False)
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.02)
+        servers.append((server, thread))
+        return f"http://127.0.0.1:{server.config.port}", app.state.services
+
+    yield serve
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(10)
+
+
+async def _next_event(lines) -> dict:
+    """The next event of an open stream; ``lines`` is its aiter_lines(), kept by the caller (an
+    abandoned iterator closes the connection when it is collected)."""
+    while True:
+        line = await lines.__anext__()
+        if line.startswith("data: "):
+            return json.loads(line[6:])
+
+
+def test_status_streams_per_key_are_limited_and_released(served, body):
+    import asyncio
+
+    import httpx
+
+    url, services = served(api_keys="alpha,beta", max_status_streams_per_key=2, limit_retry_after_s=7)
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            ra = (await http.post(EP, json=body, headers=A)).json()["request_id"]
+            rb = (await http.post(EP, json=body, headers=B)).json()["request_id"]
+            path = f"{EP}/requests/{{}}/status/stream"
+            async with http.stream("GET", path.format(ra), headers=A) as s1, \
+                    http.stream("GET", path.format(ra), headers=A) as s2:
+                lines = [s1.aiter_lines(), s2.aiter_lines()]
+                assert [(await _next_event(x))["status"] for x in lines] == ["IN_QUEUE"] * 2
+                async with http.stream("GET", path.format(ra), headers=A) as third:
+                    assert third.status_code == 429 and third.headers["retry-after"] == "7"
+                    assert json.loads(await third.aread())["error_type"] == "rate_limited"
+                async with http.stream("GET", path.format(rb), headers=B) as other:  # other key
+                    assert other.status_code == 200
+                    assert (await _next_event(other.aiter_lines()))["status"] == "IN_QUEUE"
+            # Both closed: their slots come back once the server notices (within about a second).
+            deadline = time.monotonic() + 10
+            while True:
+                async with http.stream("GET", path.format(ra), headers=A) as again:
+                    if again.status_code == 200:
+                        break
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+
+    asyncio.run(scenario())
+
+
+def test_many_streams_of_one_request_share_one_reader(served, body):
+    import asyncio
+
+    import httpx
+
+    url, services = served(status_poll_interval_s=0.05)
+    n = 40
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=url, timeout=30,
+                                     limits=httpx.Limits(max_connections=n + 5)) as http:
+            rid = (await http.post(EP, json=body)).json()["request_id"]
+            path = f"{EP}/requests/{rid}/status/stream?logs=1"
+
+            opened = []
+
+            async def watch():
+                async with http.stream("GET", path) as s:
+                    lines = s.aiter_lines()
+                    events = [await _next_event(lines)]
+                    opened.append(1)
+                    events += [json.loads(line[6:]) async for line in lines if line.startswith("data: ")]
+                return events
+
+            watchers = [asyncio.create_task(watch()) for _ in range(n)]
+            while len(opened) < n:  # every stream open and served (opening reads the request once)
+                await asyncio.sleep(0.05)
+            services.queue.gets = 0
+            await asyncio.sleep(1.0)
+            reads_per_second = services.queue.gets
+            services.queue.add_log(rid, "hello")
+            await asyncio.sleep(0.3)
+            assert services.queue.cancel(rid) == "cancelled"
+            return reads_per_second, await asyncio.gather(*watchers)
+
+    reads, results = asyncio.run(scenario())
+    # One reader: about 1 / status_poll_interval_s reads a second, not one per stream per tick.
+    assert reads <= 30, reads
+    for events in results:
+        assert [e["status"] for e in events][-1] == "COMPLETED"
+        logs = [entry["message"] for e in events for entry in e["logs"] or []]
+        assert logs.count("hello") == 1  # incremental for every subscriber
+
+
+def test_status_stream_reads_stay_within_their_budget(served, body):
+    import asyncio
+
+    import httpx
+
+    url, services = served(status_poll_interval_s=0.05, status_stream_reads_per_s=10)
+    n = 10
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            ids = [(await http.post(EP, json=body)).json()["request_id"] for _ in range(n)]
+            opened = []
+
+            async def watch(rid):
+                async with http.stream("GET", f"{EP}/requests/{rid}/status/stream") as s:
+                    lines = s.aiter_lines()
+                    await _next_event(lines)
+                    opened.append(rid)
+                    async for _ in lines:
+                        pass
+
+            tasks = [asyncio.create_task(watch(rid)) for rid in ids]
+            while len(opened) < n:
+                await asyncio.sleep(0.05)
+            services.queue.gets = 0
+            await asyncio.sleep(2.0)
+            reads = services.queue.gets
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return reads
+
+    # 10 watched requests at 10 reads/s: each is read once a second (not 20 times).
+    assert asyncio.run(scenario()) <= 2 * 10 + 10

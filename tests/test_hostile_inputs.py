@@ -261,6 +261,49 @@ def test_hostile_urls_refused_before_connecting(url, expected, loopback_only):
     assert loopback_only == []  # no socket was ever opened
 
 
+# The same spellings as fal_webhook, through the HTTP API: webhooks share the address policy.
+WEBHOOK_CASES = [u for u, t in URL_CASES if t == "url_not_allowed"] + [
+    "http://[::ffff:7f00:1]:8000/fal-ai/flux-pulid",  # this server, IPv4-mapped hex
+    "http://127.0.0.1:8000/fal-ai/flux-pulid/requests/x/cancel",
+    "http://0/",
+    "http://[0:0:0:0:0:ffff:169.254.169.254]/",
+    "https://[fc00::1]:443/hook",
+    "http://198.18.0.1/",
+    "http://localhost./",
+]
+
+
+@pytest.fixture(scope="module")
+def hook_api(tmp_path_factory):
+    from fastapi.testclient import TestClient
+
+    from pulid_flux.api.app import create_app
+    from pulid_flux.config import Settings
+
+    settings = Settings(data_dir=tmp_path_factory.mktemp("hooks"), local_workers=0)
+    with TestClient(create_app(settings, run_loops=False)) as client:
+        client.app.state.services.fetch_policy.resolver = FakeResolver({**RESOLVER_TABLE, "localhost.": ["127.0.0.1"]})
+        yield client
+
+
+@pytest.mark.parametrize("url", WEBHOOK_CASES, ids=[u[:60] for u in WEBHOOK_CASES])
+def test_hostile_webhook_urls_refused_at_submit(hook_api, url, astronaut_uri, loopback_only):
+    r = hook_api.post("/fal-ai/flux-pulid", params={"fal_webhook": url},
+                      json={"prompt": "p", "reference_image_url": astronaut_uri})
+    assert r.status_code == 422, r.text
+    (entry,) = r.json()["detail"]
+    assert entry["loc"] == ["query", "fal_webhook"] and entry["type"] == "url_not_allowed", entry
+    assert loopback_only == []
+
+
+def test_server_healthy_after_hostile_webhooks(hook_api, astronaut_uri):
+    # A name that does not resolve yet is accepted: each delivery attempt checks it again.
+    r = hook_api.post("/fal-ai/flux-pulid", params={"fal_webhook": "http://nxdomain.test/h"},
+                      json={"prompt": "p", "reference_image_url": astronaut_uri})
+    assert r.status_code == 200
+    assert hook_api.get("/health").status_code == 200
+
+
 def test_allow_list_does_not_open_other_private_ranges(loopback_only):
     policy = FetchPolicy(allowed_networks=["10.9.0.0/16"])
     resolver = FakeResolver({"store.test": ["10.9.0.5", "10.10.0.5"]})
@@ -434,7 +477,8 @@ def test_connection_refused_is_fetch_failed(loopback_only):
 
 
 def test_case_count():
-    total = len(DECODE_CASES) + len(DATA_CASES) + len(URL_CASES) + len(SERVER_CASES) + 4
+    total = (len(DECODE_CASES) + len(DATA_CASES) + len(URL_CASES) + len(SERVER_CASES) + len(WEBHOOK_CASES)
+             + 4)
     assert total >= 40
 
 

@@ -156,6 +156,19 @@ def test_queue_length_limit(q):
     q.submit(EP, {}, max_queue_length=2)
 
 
+def test_active_count_is_per_owner_queued_and_running(q):
+    a1 = q.submit(EP, {}, owner="a")
+    a2 = q.submit(EP, {}, owner="a")
+    q.submit(EP, {}, owner="b")
+    assert (q.active_count("a"), q.active_count("b"), q.active_count("c")) == (2, 1, 0)
+    running = q.claim("w", EP)
+    assert running.id == a1.id and q.active_count("a") == 2  # running requests count
+    assert q.complete(a1.id, worker_id="w", status_code=200, result={})
+    assert q.active_count("a") == 1  # completed ones do not
+    assert q.cancel(a2.id) == "cancelled"
+    assert (q.active_count("a"), q.active_count("b")) == (0, 1)
+
+
 def test_logs_are_incremental(q):
     job = q.submit(EP, {})
     q.add_log(job.id, "one")

@@ -78,6 +78,7 @@ class Cluster:
             "PULID_FLUX_REDIS_VISIBILITY_TIMEOUT_S": "3",
             "PULID_FLUX_REDIS_RETRY_S": "60",
             "PULID_FLUX_WEBHOOK_POLL_INTERVAL_S": "0.2",
+            "PULID_FLUX_FETCH_ALLOWED_PRIVATE_CIDRS": "127.0.0.0/8",  # the webhook receiver
             "PULID_FLUX_WORKER_WARMUP": "0",
             # Replicas with data dirs of their own share their keys (upload URL signatures,
             # webhook signing) through these two settings, as docs/deployment.md says.

@@ -10,10 +10,11 @@ import random
 import stat
 import time
 
-import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from loopback import FakeResolver, loopback_only  # noqa: F401  (autouse guard)
+from pulid_flux.fetch import FetchPolicy, ReferenceImageError
 from pulid_flux.webhooks import (
     WebhookSender,
     WebhookSigner,
@@ -160,12 +161,22 @@ def test_payload_not_serialisable(bad):
     assert isinstance(doc["payload_error"], str) and doc["payload_error"]
 
 
+# The receivers below listen on loopback, which the address policy refuses unless the operator
+# allow-lists it (fetch_allowed_private_cidrs), as a deployment with a local receiver would.
+LOOPBACK = FetchPolicy(allowed_networks=["127.0.0.0/8"])
+
+
 def test_validate_webhook_url():
-    assert validate_webhook_url("https://example.com/hook?x=1").startswith("https://example.com/hook")
-    assert validate_webhook_url("http://127.0.0.1:9000/hook")  # private targets are allowed by design
-    for bad in ["ftp://example.com/", "file:///tmp/x", "javascript:alert(1)", "/relative", ""]:
-        with pytest.raises(ValueError):
-            validate_webhook_url(bad)
+    public = FetchPolicy(resolver=FakeResolver({"example.com": ["93.184.215.14"]}))
+    check = lambda url, policy=public: asyncio.run(validate_webhook_url(url, policy))  # noqa: E731
+    assert check("https://example.com/hook?x=1").startswith("https://example.com/hook")
+    assert check("http://not-yet-in-dns.test/h")  # unresolvable now: every delivery checks again
+    for bad in ["ftp://example.com/", "file:///tmp/x", "javascript:alert(1)", "/relative", "",
+                "http://127.0.0.1:9000/hook", "http://[::1]/h", "http://0x7f000001/h"]:
+        with pytest.raises(ReferenceImageError) as exc:
+            check(bad)
+        assert exc.value.type == "url_not_allowed"
+    assert check("http://127.0.0.1:9000/hook", LOOPBACK) == "http://127.0.0.1:9000/hook"
 
 
 # ---------------------------------------------------------------------------
@@ -221,7 +232,8 @@ def test_retries_with_backoff_then_succeeds():
 
     async def scenario():
         async with Receiver([500, 503]) as rx:
-            async with WebhookSender(signer, base_delay_s=2.0, sleep=sleep, rng=random.Random(1)) as sender:
+            async with WebhookSender(signer, policy=LOOPBACK, base_delay_s=2.0, sleep=sleep,
+                                     rng=random.Random(1)) as sender:
                 ok = await sender.deliver(rx.url, "req-9", body, user_id="user-1")
             return ok, rx
 
@@ -244,7 +256,8 @@ def test_gives_up_after_max_attempts():
 
     async def scenario():
         async with Receiver([500] * 10) as rx:
-            async with WebhookSender(signer, max_attempts=4, base_delay_s=1.0, max_delay_s=3.0, sleep=sleep) as sender:
+            async with WebhookSender(signer, policy=LOOPBACK, max_attempts=4, base_delay_s=1.0,
+                                     max_delay_s=3.0, sleep=sleep) as sender:
                 ok = await sender.deliver(rx.url, "r", b"{}")
             return ok, rx
 
@@ -284,7 +297,8 @@ def test_redirect_is_not_followed_and_counts_as_failure():
 
     async def scenario():
         async with Receiver([302, 302]) as rx:
-            async with WebhookSender(WebhookSigner.generate(), max_attempts=2, sleep=sleep) as sender:
+            async with WebhookSender(WebhookSigner.generate(), policy=LOOPBACK, max_attempts=2,
+                                     sleep=sleep) as sender:
                 return await sender.deliver(rx.url, "r", b"{}"), rx
 
     ok, rx = asyncio.run(scenario())
@@ -296,7 +310,8 @@ def test_connection_errors_and_timeouts_are_retried():
 
     async def scenario():
         async with Receiver([], stall_s=5.0) as rx:
-            sender = WebhookSender(WebhookSigner.generate(), max_attempts=2, timeout_s=0.2, sleep=sleep)
+            sender = WebhookSender(WebhookSigner.generate(), policy=LOOPBACK, max_attempts=2, timeout_s=0.2,
+                                   sleep=sleep)
             async with sender:
                 stalled = await sender.deliver(rx.url, "r", b"{}")
             rx.server.close()
@@ -306,7 +321,8 @@ def test_connection_errors_and_timeouts_are_retried():
     assert stalled is False and len(rx.received) == 2 and len(sleep.delays) == 1
 
     async def refused():
-        async with WebhookSender(WebhookSigner.generate(), max_attempts=3, sleep=FakeSleep()) as sender:
+        async with WebhookSender(WebhookSigner.generate(), policy=LOOPBACK, max_attempts=3,
+                                 sleep=FakeSleep()) as sender:
             return await sender.deliver("http://127.0.0.1:9/hook", "r", b"{}")  # port 9: nothing listens
 
     assert asyncio.run(refused()) is False
@@ -318,7 +334,7 @@ def test_each_attempt_is_signed_with_a_fresh_timestamp(monkeypatch):
 
     async def scenario():
         async with Receiver([500, 500]) as rx:
-            async with WebhookSender(WebhookSigner.generate(), sleep=FakeSleep()) as sender:
+            async with WebhookSender(WebhookSigner.generate(), policy=LOOPBACK, sleep=FakeSleep()) as sender:
                 assert await sender.deliver(rx.url, "r", b"{}")
             return rx
 
@@ -327,37 +343,54 @@ def test_each_attempt_is_signed_with_a_fresh_timestamp(monkeypatch):
     assert len({h["x-fal-webhook-signature"] for h, _ in rx.received}) == 3
 
 
-def test_non_http_target_is_not_attempted():
-    calls: list[httpx.Request] = []
-
-    def handler(request):
-        calls.append(request)
-        return httpx.Response(200)
-
-    async def scenario():
-        client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-        sender = WebhookSender(WebhookSigner.generate(), client=client, sleep=FakeSleep())
-        result = await sender.deliver("file:///etc/passwd", "r", b"{}")
-        await client.aclose()
-        return result
-
-    assert asyncio.run(scenario()) is False and calls == []
-
-
-def test_injected_client_is_used_and_not_closed():
-    seen: list[httpx.Request] = []
-
-    def handler(request):
-        seen.append(request)
-        return httpx.Response(204)
+def test_refused_targets_are_never_contacted_nor_retried(loopback_only):
+    """Without the allow-list, loopback (in any spelling, or behind a name) is refused at every
+    delivery: nothing connects, and the refusal is final (no retries to probe ports with)."""
+    sleep = FakeSleep()
+    resolver = FakeResolver({"localhost": ["127.0.0.1", "::1"], "rebound.test": ["127.0.0.1"],
+                             "mixed.test": ["93.184.215.14", "10.0.0.7"]})
 
     async def scenario():
-        client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-        async with WebhookSender(WebhookSigner.generate(), client=client) as sender:
-            ok = await sender.deliver("https://hooks.example/h", "r", b'{"a":1}')
-        assert not client.is_closed
-        await client.aclose()
-        return ok
+        async with Receiver([]) as rx:
+            port = rx.server.sockets[0].getsockname()[1]
+            sender = WebhookSender(WebhookSigner.generate(), policy=FetchPolicy(resolver=resolver),
+                                   sleep=sleep)
+            results = [await sender.deliver(url, "r", b"{}") for url in (
+                rx.url, f"http://localhost:{port}/hook", f"http://[::ffff:127.0.0.1]:{port}/h",
+                f"http://2130706433:{port}/h", f"http://rebound.test:{port}/h", "http://mixed.test/h",
+                "file:///etc/passwd", "http://169.254.169.254/latest/meta-data/")]
+            return results, rx
 
-    assert asyncio.run(scenario()) is True
-    assert seen[0].method == "POST" and seen[0].content == b'{"a":1}'
+    results, rx = asyncio.run(scenario())
+    assert results == [False] * 8
+    assert rx.received == [] and sleep.delays == [] and loopback_only == []
+
+
+def test_delivery_is_pinned_to_the_vetted_address_and_keeps_the_name():
+    """The name is resolved by the policy's resolver once per attempt and the connection dials that
+    address: hooks.test exists in no real DNS, so any second lookup would fail."""
+    resolver = FakeResolver({"hooks.test": ["127.0.0.1"]})
+    policy = FetchPolicy(allowed_networks=["127.0.0.0/8"], resolver=resolver)
+
+    async def scenario():
+        async with Receiver([500]) as rx:
+            port = rx.server.sockets[0].getsockname()[1]
+            async with WebhookSender(WebhookSigner.generate(), policy=policy, sleep=FakeSleep()) as sender:
+                assert await sender.deliver(f"http://hooks.test:{port}/hook", "r", b'{"a":1}')
+            return rx, port
+
+    rx, port = asyncio.run(scenario())
+    assert [h["host"] for h, _ in rx.received] == [f"hooks.test:{port}"] * 2
+    assert resolver.calls == ["hooks.test", "hooks.test"]  # checked again at each attempt
+    assert rx.received[0][1] == b'{"a":1}'
+
+
+def test_address_that_changes_to_internal_after_submit_is_refused_at_delivery():
+    table = {"hooks.test": ["93.184.215.14"]}
+    policy = FetchPolicy(resolver=FakeResolver(table))
+    assert asyncio.run(validate_webhook_url("http://hooks.test/h", policy)) == "http://hooks.test/h"
+    table["hooks.test"] = ["10.1.2.3"]  # DNS changed since the submit
+    sleep = FakeSleep()
+    sender = WebhookSender(WebhookSigner.generate(), policy=policy, sleep=sleep)
+    assert asyncio.run(sender.deliver("http://hooks.test/h", "r", b"{}")) is False
+    assert sleep.delays == []

@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["*"], description="Origins allowed to call the API from a browser."
     )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Without API keys, requests must name this server in `Host`: an IP address, "
+        "localhost, public_url's host, or one of these names (DNS-rebinding guard); `*` = any.",
+    )
     log_level: str = "info"
 
     # --- model / workers ---------------------------------------------------------------
@@ -135,6 +140,25 @@ class Settings(BaseSettings):
 
     # --- queue and retention -------------------------------------------------------------
     max_queue_length: int = Field(1000, ge=1, description="Waiting requests beyond this get 429.")
+    # Per-key fairness (only with API keys: without them there is one user). Over a limit: 429.
+    max_active_requests_per_key: int = Field(
+        100, ge=1, description="Queued + running requests one key may have at once.",
+    )
+    max_status_streams_per_key: int = Field(
+        32, ge=1, description="Status streams (SSE) one key may hold open at once, per API process.",
+    )
+    max_stored_bytes_per_key: int = Field(
+        10 * 1024**3, ge=0, description="Bytes one key may keep in storage (uploads + outputs); "
+        "at or over it, uploads and submits get 429 until files expire.",
+    )
+    max_request_cost: int = Field(
+        2048 * 2048 * 50 * 2, ge=1, description="Largest width × height × steps × passes (2 with "
+        "true_cfg > 1) × num_images of one request (422 beyond). Default: one 2048² image, 50 "
+        "steps, true CFG.",
+    )
+    limit_retry_after_s: int = Field(
+        10, ge=1, description="`Retry-After` sent with a per-key 429.",
+    )
     result_ttl_s: float = Field(
         3600.0, gt=0, description="Completed requests and their files are deleted after this."
     )
@@ -150,6 +174,11 @@ class Settings(BaseSettings):
     health_timeout_s: float = Field(
         0.8, gt=0, description="Longest `/health` waits for the queue before it reports it "
         "unavailable (status degraded).",
+    )
+    status_stream_reads_per_s: float = Field(
+        400.0, gt=0, description="Requests the status streams of one API process read per second, "
+        "together (one read serves every stream of a request): with many watched requests each is "
+        "read less often than status_poll_interval_s, so streams cannot crowd out other work.",
     )
 
     # --- distributed backends (docs/deployment.md) --------------------------------------------
@@ -239,7 +268,8 @@ class Settings(BaseSettings):
     fetch_max_redirects: int = Field(3, ge=0, le=20)
     fetch_allowed_private_cidrs: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Private/loopback networks reference URLs may point into (SSRF allow-list).",
+        description="Private/loopback networks reference and webhook URLs may point into "
+        "(SSRF allow-list), e.g. 127.0.0.0/8 for a receiver on this host.",
     )
 
     # --- storage -----------------------------------------------------------------------------
@@ -278,7 +308,8 @@ class Settings(BaseSettings):
     webhook_max_delay_s: float = Field(1800.0, gt=0, description="Longest wait between tries.")
     webhook_timeout_s: float = Field(15.0, gt=0, description="Time allowed for one attempt.")
 
-    @field_validator("api_keys", "cors_origins", "fetch_allowed_private_cidrs", mode="before")
+    @field_validator("api_keys", "cors_origins", "fetch_allowed_private_cidrs", "allowed_hosts",
+                     mode="before")
     @classmethod
     def _lists(cls, value):
         return _split_list(value)

@@ -1,4 +1,8 @@
-"""SSRF-safe retrieval and safe decoding of user-supplied reference images.
+"""The outbound address policy (SSRF guard), and safe retrieval and decoding of reference images.
+
+Every URL this server contacts on a client's behalf -- reference images and webhooks alike --
+goes through ``vet_url`` (scheme, host spelling, every resolved address) and is then dialled
+through ``pinned_pool`` (only the vetted addresses), under one ``FetchPolicy``.
 
 ``fetch_reference`` turns the ``reference_image_url`` of a request into bytes:
 
@@ -115,6 +119,8 @@ class FetchPolicy:
     )
     ca_file: str | None = None  # extra CA bundle for https fetches; None = SSL_CERT_FILE or certifi
     user_agent: str = "pulid-flux-fetch/1"  # User-Agent header sent on fetches
+    # Looks host names up; None = the system resolver (tests substitute a table).
+    resolver: Resolver | None = None
 
     def __post_init__(self) -> None:
         # Parse once so a typo in configuration fails at start-up, not per request.
@@ -196,7 +202,7 @@ def _is_forbidden(ip: IPAddress) -> bool:
 
 
 def address_refusal(ip: IPAddress, policy: FetchPolicy) -> str | None:
-    """Why ``ip`` may not be fetched from, or None when it may."""
+    """Why ``ip`` may not be connected to, or None when it may."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
         ip = ipaddress.IPv6Address(ip.compressed.split("%", 1)[0])
     embedded = _embedded_ipv4(ip) if isinstance(ip, ipaddress.IPv6Address) else None
@@ -224,7 +230,7 @@ _NUMERIC_LABEL_RE = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$")
 
 
 @dataclass
-class _Target:
+class Target:
     url: httpx.URL
     scheme: str
     host: str  # ASCII host; IPv6 literals without brackets
@@ -236,7 +242,7 @@ def _refuse(msg: str) -> ReferenceImageError:
     return ReferenceImageError(msg, URL_NOT_ALLOWED)
 
 
-def _parse_target(raw: str | httpx.URL, policy: FetchPolicy) -> _Target:
+def _parse_target(raw: str | httpx.URL, policy: FetchPolicy) -> Target:
     try:
         url = raw if isinstance(raw, httpx.URL) else httpx.URL(raw)
     except (httpx.InvalidURL, TypeError, ValueError, UnicodeError):
@@ -263,7 +269,7 @@ def _parse_target(raw: str | httpx.URL, policy: FetchPolicy) -> _Target:
     if isinstance(literal, ipaddress.IPv6Address) and literal.scope_id:
         raise _refuse("IPv6 zone identifiers are not allowed")
     port = url.port or (443 if scheme == "https" else 80)
-    return _Target(url=url, scheme=scheme, host=host, port=port, literal=literal)
+    return Target(url=url, scheme=scheme, host=host, port=port, literal=literal)
 
 
 async def _default_resolver(host: str, port: int) -> list[str]:
@@ -272,13 +278,13 @@ async def _default_resolver(host: str, port: int) -> list[str]:
     return [info[4][0] for info in infos]
 
 
-async def _vetted_addresses(target: _Target, policy: FetchPolicy, resolver: Resolver | None) -> list[str]:
+async def _vetted_addresses(target: Target, policy: FetchPolicy, resolver: Resolver | None) -> list[str]:
     if target.literal is not None:
         reason = address_refusal(target.literal, policy)
         if reason:
-            raise _refuse(f"refused to fetch from {target.host}: {reason}")
+            raise _refuse(f"refused to connect to {target.host}: {reason}")
         return [str(target.literal)]
-    resolve = resolver or _default_resolver
+    resolve = resolver or policy.resolver or _default_resolver
     try:
         result = resolve(target.host, target.port)
         if inspect.isawaitable(result):
@@ -295,11 +301,28 @@ async def _vetted_addresses(target: _Target, policy: FetchPolicy, resolver: Reso
         reason = address_refusal(ip, policy)
         if reason:
             # One bad answer condemns the name: a later lookup may return it.
-            raise _refuse(f"refused to fetch from {target.host}: {reason}")
+            raise _refuse(f"refused to connect to {target.host}: {reason}")
         addresses.append(str(ip).split("%", 1)[0])
     if not addresses:
         raise ReferenceImageError(f"host {target.host} has no addresses", FETCH_FAILED)
     return list(dict.fromkeys(addresses))
+
+
+def parse_url(url: str | httpx.URL, policy: FetchPolicy) -> Target:
+    """The checks that need no DNS (length, scheme, user info, host spelling, literal
+    addresses are vetted later); raises ReferenceImageError (URL_NOT_ALLOWED)."""
+    if isinstance(url, str) and len(url) > policy.max_url_length:
+        raise _refuse(f"the URL is longer than {policy.max_url_length} characters")
+    return _parse_target(url, policy)
+
+
+async def vet_url(
+    url: str | httpx.URL, policy: FetchPolicy, resolver: Resolver | None = None
+) -> tuple[Target, list[str]]:
+    """Parse ``url`` and resolve its host under ``policy``; returns the target and the vetted
+    addresses to pin, or raises ReferenceImageError (URL_NOT_ALLOWED or FETCH_FAILED)."""
+    target = parse_url(url, policy)
+    return target, await _vetted_addresses(target, policy, resolver)
 
 
 # ---------------------------------------------------------------------------
@@ -343,7 +366,29 @@ def _ssl_context(policy: FetchPolicy) -> ssl.SSLContext:
     return ctx
 
 
-def _host_header(target: _Target) -> bytes:
+def pinned_pool(target: Target, addresses: list[str], policy: FetchPolicy) -> httpcore.AsyncConnectionPool:
+    """A one-connection pool that can dial only ``addresses`` (no second DNS lookup between
+    check and connect); the URL keeps its name for Host, SNI and certificate checks."""
+    ssl_ctx = _ssl_context(policy) if target.scheme == "https" else None
+    return httpcore.AsyncConnectionPool(
+        ssl_context=ssl_ctx,
+        network_backend=_PinnedBackend(target.host, target.port, addresses),
+        max_connections=1,
+        retries=0,
+        http2=False,
+    )
+
+
+def pinned_url(target: Target) -> httpcore.URL:
+    return httpcore.URL(
+        scheme=target.scheme.encode("ascii"),
+        host=target.host.encode("ascii"),
+        port=target.port,
+        target=target.url.raw_path or b"/",
+    )
+
+
+def host_header(target: Target) -> bytes:
     host = f"[{target.host}]" if ":" in target.host else target.host
     default = 443 if target.scheme == "https" else 80
     return (host if target.port == default else f"{host}:{target.port}").encode("ascii")
@@ -356,20 +401,10 @@ def _media_type(value: str) -> str:
     return value.split(";", 1)[0].strip().lower()
 
 
-async def _fetch_once(
-    target: _Target, addresses: list[str], policy: FetchPolicy, ssl_ctx: ssl.SSLContext | None
-) -> tuple[int, str | None, bytes]:
+async def _fetch_once(target: Target, addresses: list[str], policy: FetchPolicy) -> tuple[int, str | None, bytes]:
     """One GET; returns (status, Location, body). Body is read only for 2xx."""
-    backend = _PinnedBackend(target.host, target.port, addresses)
-    target_bytes = target.url.raw_path or b"/"
-    url = httpcore.URL(
-        scheme=target.scheme.encode("ascii"),
-        host=target.host.encode("ascii"),
-        port=target.port,
-        target=target_bytes,
-    )
     headers = [
-        (b"Host", _host_header(target)),
+        (b"Host", host_header(target)),
         (b"User-Agent", policy.user_agent.encode("ascii", "replace")),
         (b"Accept", b"image/*"),
         (b"Accept-Encoding", b"identity"),
@@ -381,10 +416,10 @@ async def _fetch_once(
         "write": policy.timeout_s,
         "pool": policy.timeout_s,
     }
-    async with httpcore.AsyncConnectionPool(
-        ssl_context=ssl_ctx, network_backend=backend, max_connections=1, retries=0, http2=False
-    ) as pool:
-        async with pool.stream("GET", url, headers=headers, extensions={"timeout": timeouts}) as response:
+    async with pinned_pool(target, addresses, policy) as pool:
+        async with pool.stream(
+            "GET", pinned_url(target), headers=headers, extensions={"timeout": timeouts}
+        ) as response:
             fields = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in response.headers}
             status = response.status
             if status in _REDIRECTS:
@@ -418,17 +453,13 @@ def _too_large_msg(policy: FetchPolicy) -> str:
 
 
 async def _fetch_http(url: str, policy: FetchPolicy, resolver: Resolver | None) -> bytes:
-    if len(url) > policy.max_url_length:
-        raise _refuse(f"the URL is longer than {policy.max_url_length} characters")
-    target = _parse_target(url, policy)
-    ssl_ctx: ssl.SSLContext | None = None
+    target, addresses = await vet_url(url, policy, resolver)
     seen: set[str] = set()
-    for _hop in range(policy.max_redirects + 1):
-        addresses = await _vetted_addresses(target, policy, resolver)
-        if target.scheme == "https" and ssl_ctx is None:
-            ssl_ctx = _ssl_context(policy)
+    for hop in range(policy.max_redirects + 1):
+        if hop:
+            addresses = await _vetted_addresses(target, policy, resolver)
         seen.add(str(target.url))
-        status, location, body = await _fetch_once(target, addresses, policy, ssl_ctx)
+        status, location, body = await _fetch_once(target, addresses, policy)
         if location is None:
             if status in _REDIRECTS:
                 raise ReferenceImageError(f"HTTP {status} redirect without a Location", FETCH_FAILED)

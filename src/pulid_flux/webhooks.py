@@ -7,6 +7,12 @@ application/json`` and the body ``{"request_id", "gateway_request_id", "status":
 being Ed25519 over ``request_id\\nuser_id\\ntimestamp\\nhex(sha256(body))``. Receivers
 verify with the public key published as a JWKS and reject timestamps more than
 300 s away from their clock.
+
+Targets go through the same address policy as reference fetching (``fetch.FetchPolicy``):
+a loopback, private, link-local or otherwise internal address is refused at submit time and
+again at every delivery attempt (DNS may change in between), each attempt connects only to
+the addresses it vetted, and redirects are never followed. The operator's allow-list
+(``fetch_allowed_private_cidrs``) opens chosen private networks for both.
 """
 
 from __future__ import annotations
@@ -23,11 +29,15 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpcore
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from .fetch import (
+    FETCH_FAILED, URL_NOT_ALLOWED, FetchPolicy, ReferenceImageError, host_header, parse_url, pinned_pool,
+    pinned_url, vet_url,
+)
 from .keyfile import read_or_create
 
 log = logging.getLogger(__name__)
@@ -173,20 +183,26 @@ def build_payload(request_id: str, *, ok: bool, payload: Any, error: str | None)
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
-def validate_webhook_url(url: str) -> str:
-    """Raise ValueError unless ``url`` is an absolute http(s) URL (call it at submit time).
-
-    Private and loopback targets are deliberately allowed: webhook URLs come from
-    the API's own authenticated users, who may well run their receiver next to the
-    server; unlike reference-image URLs they are not anonymous input.
-    """
+async def validate_webhook_url(url: str, policy: FetchPolicy) -> str:
+    """Submit-time check of a webhook URL under the outbound address policy; returns it
+    normalised or raises ReferenceImageError. A name that does not resolve (yet) is accepted:
+    every delivery attempt checks again."""
+    target = parse_url(url, policy)
     try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError, ValueError, UnicodeError) as exc:
-        raise ValueError(f"invalid webhook URL: {exc}") from None
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ValueError("webhook URLs must be absolute http or https URLs")
-    return str(parsed)
+        await asyncio.wait_for(vet_url(target.url, policy), policy.connect_timeout_s)
+    except ReferenceImageError as exc:
+        if exc.type != FETCH_FAILED:
+            raise
+    except (asyncio.TimeoutError, TimeoutError):
+        pass
+    return str(target.url)
+
+
+# Errors of one delivery attempt that are worth retrying (the receiver may come back).
+_TRANSIENT = (
+    httpcore.ConnectError, httpcore.NetworkError, httpcore.TimeoutException, httpcore.ProtocolError,
+    asyncio.TimeoutError, TimeoutError, OSError,
+)
 
 
 class WebhookSender:
@@ -196,23 +212,22 @@ class WebhookSender:
         self,
         signer: WebhookSigner,
         *,
+        policy: FetchPolicy | None = None,  # outbound address policy; None = no internal targets at all
         max_attempts: int = 11,  # the first try and fal's "up to 10 retries"
         base_delay_s: float = 10.0,  # wait before the 2nd try; doubles each time
         max_delay_s: float = 1800.0,  # cap on one wait: 10 retries take 0.9-1.7 h (fal: within 2 h)
         timeout_s: float = 15.0,  # whole time allowed for one attempt (fal quotes 15 s)
-        client: httpx.AsyncClient | None = None,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         rng: random.Random | None = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         self.signer = signer
+        self.policy = policy or FetchPolicy()
         self.max_attempts = max_attempts
         self.base_delay_s = base_delay_s
         self.max_delay_s = max_delay_s
         self.timeout_s = timeout_s
-        self._client = client
-        self._own_client = client is None
         self._sleep = sleep
         self._rng = rng or random.Random()
 
@@ -221,16 +236,8 @@ class WebhookSender:
         ceiling = min(self.max_delay_s, self.base_delay_s * (2 ** (attempt - 1)))
         return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
 
-    def _get_client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            # No redirects: a 3xx counts as a failed delivery rather than a re-POST elsewhere.
-            self._client = httpx.AsyncClient(follow_redirects=False, timeout=self.timeout_s)
-        return self._client
-
     async def aclose(self) -> None:
-        if self._own_client and self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        pass  # every attempt opens and closes its own pinned connection
 
     async def __aenter__(self) -> WebhookSender:
         return self
@@ -239,32 +246,44 @@ class WebhookSender:
         await self.aclose()
 
     async def _attempt(self, url: str, request_id: str, body: bytes, user_id: str) -> int:
-        headers = {"Content-Type": "application/json"}
-        headers.update(self.signer.headers(request_id, user_id, body))  # fresh timestamp per try
-        client = self._get_client()
-        # The response body is never read: a hostile receiver cannot make us buffer it.
-        async with client.stream("POST", url, content=body, headers=headers, timeout=self.timeout_s) as response:
-            return response.status_code
+        # Resolved and vetted again on every attempt: the name may point elsewhere by now.
+        target, addresses = await vet_url(url, self.policy)
+        headers = [
+            (b"Host", host_header(target)),
+            (b"Content-Type", b"application/json"),
+            (b"Content-Length", str(len(body)).encode("ascii")),
+            (b"User-Agent", self.policy.user_agent.encode("ascii", "replace")),
+            (b"Connection", b"close"),
+        ]
+        signed = self.signer.headers(request_id, user_id, body)  # fresh timestamp per try
+        headers += [(k.encode("ascii"), v.encode("latin-1")) for k, v in signed.items()]
+        timeouts = {"connect": self.timeout_s, "read": self.timeout_s, "write": self.timeout_s,
+                    "pool": self.timeout_s}
+        async with pinned_pool(target, addresses, self.policy) as pool:
+            # The response body is never read: a hostile receiver cannot make us buffer it.
+            # A redirect is a failed attempt, never followed.
+            async with pool.stream("POST", pinned_url(target), headers=headers, content=body,
+                                   extensions={"timeout": timeouts}) as response:
+                return response.status
 
     async def deliver(self, url: str, request_id: str, body: bytes, user_id: str = "") -> bool:
-        """POST ``body`` to ``url``; True on a 2xx, False once every attempt failed.
+        """POST ``body`` to ``url``; True on a 2xx, False once every attempt failed or the
+        address policy refused the target (that is final: it is not retried).
 
-        Private and loopback targets are allowed on purpose (see validate_webhook_url):
-        the URL comes from an authenticated API user, not from anonymous input.
         Raises ValueError if ``request_id`` or ``user_id`` contains a line break.
         """
-        try:
-            validate_webhook_url(url)
-        except ValueError as exc:
-            log.warning("webhook for %s not sent: %s", request_id, exc)
-            return False
         for attempt in range(1, self.max_attempts + 1):
             try:
                 status = await asyncio.wait_for(self._attempt(url, request_id, body, user_id), self.timeout_s)
                 if 200 <= status < 300:
                     return True
                 reason = f"HTTP {status}"
-            except (httpx.HTTPError, httpx.InvalidURL, asyncio.TimeoutError, TimeoutError, OSError) as exc:
+            except ReferenceImageError as exc:
+                if exc.type == URL_NOT_ALLOWED:
+                    log.warning("webhook for %s not sent: %s", request_id, exc.msg)
+                    return False
+                reason = exc.msg  # the name did not resolve: DNS may recover
+            except _TRANSIENT as exc:
                 reason = type(exc).__name__
             if attempt == self.max_attempts:
                 log.warning("webhook for %s gave up after %d attempts (%s)", request_id, attempt, reason)

@@ -31,6 +31,7 @@ from ..queue.base import WEBHOOK_DELIVERED, WEBHOOK_FAILED, Queue
 from ..storage.base import KIND_UPLOAD, Storage
 from . import routes_queue, routes_storage
 from .auth import Auth, load_or_create_secret
+from .hosts import HostCheckMiddleware
 from .proxy import BodyLimitMiddleware, FalProxyMiddleware, HeadMiddleware, InternalErrorMiddleware
 from .services import Services
 
@@ -138,7 +139,8 @@ async def webhook_loop(svc: Services) -> None:
     from ..webhooks import WebhookSender, build_payload
 
     s = svc.settings
-    sender = WebhookSender(svc.webhook_signer, max_attempts=s.webhook_max_attempts,
+    sender = WebhookSender(svc.webhook_signer, policy=svc.fetch_policy,
+                           max_attempts=s.webhook_max_attempts,
                            base_delay_s=s.webhook_base_delay_s, max_delay_s=s.webhook_max_delay_s,
                            timeout_s=s.webhook_timeout_s)
     in_flight: set[str] = set()
@@ -322,4 +324,8 @@ def create_app(settings: Optional[Settings] = None, *, services: Optional[Servic
         allow_headers=["*"],
         expose_headers=["x-fal-request-id", "x-fal-error-type", "x-fal-request-timeout-type", "etag"],
     )
+    if not settings.api_keys:
+        # Outermost: a DNS-rebinding page gets nothing, not even a CORS preflight (api/hosts.py).
+        app.add_middleware(HostCheckMiddleware, allowed=[*settings.allowed_hosts, settings.bind_host],
+                           public_urls=(settings.public_url, settings.files_public_url))
     return app

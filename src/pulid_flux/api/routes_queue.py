@@ -19,7 +19,6 @@ from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..config import ENDPOINT_ID
-from ..engine.preview import PREVIEW_LOG_PREFIX
 from ..errors import ServiceFault
 from ..queue.base import (
     COMPLETED, IN_PROGRESS, IN_QUEUE, PRIORITIES, WEBHOOK_PENDING, Job, QueueFullError,
@@ -37,7 +36,9 @@ from .schemas import (
     resolve_size,
     retention_from_header,
 )
+from .fairness import cost_errors, too_many
 from .services import Services
+from .status_hub import Watch, split_previews
 
 log = logging.getLogger("pulid_flux.api")
 
@@ -96,8 +97,17 @@ async def accept(request: Request, body: FluxPulidInput, *, priority: int = 0,
                                       svc.settings.result_ttl_s, svc.settings.max_json_depth)
     except ValueError as exc:
         errors.append(error_detail(LIFECYCLE_PREFERENCE_HEADER, str(exc), "value_error", where="header"))
+    if not errors:
+        width, height = resolve_size(body.image_size, svc.settings)
+        errors = cost_errors(width, height, body.num_inference_steps, body.num_images, body.true_cfg,
+                             svc.settings)
     if errors:
         return unprocessable(errors)
+    limits = svc.owner_limits
+    # This request's inputs and outputs will be stored for the key: a key at its limit waits.
+    full = await limits.storage_full(svc.storage, owner)
+    if full is not None:
+        return full
 
     from ..fetch import ReferenceImageError, decode_image, fetch_reference
 
@@ -128,7 +138,6 @@ async def accept(request: Request, body: FluxPulidInput, *, priority: int = 0,
         )
         files.append(meta.id)
 
-    width, height = resolve_size(body.image_size, svc.settings)
     stored = body.model_dump(mode="json")
     stored["reference_image_url"] = _summarise_url(body.reference_image_url)
     if body.reference_image_urls:
@@ -144,27 +153,35 @@ async def accept(request: Request, body: FluxPulidInput, *, priority: int = 0,
             start_deadline = time.time() + max(1.0, float(timeout_header))
         except ValueError:
             pass
+    refusal: Optional[JSONResponse] = None
     try:
-        job = await asyncio.to_thread(
-            svc.queue.submit, ENDPOINT_ID, stored, owner=owner, priority=priority,
-            webhook_url=webhook_url, start_deadline=start_deadline,
-            # sync_mode and fal's "X-Fal-Store-IO: 0": the request is forgotten once its result
-            # was handed out (it has to be stored until then, to reach the worker and back)
-            ephemeral=body.sync_mode or request.headers.get("x-fal-store-io", "").strip() == "0",
-            input_files=files, max_queue_length=svc.settings.max_queue_length,
-            # fal's x-fal-no-retry: a request whose worker dies is not run a second time
-            max_attempts=1 if _flag(request.headers.get("x-fal-no-retry")) else None,
-            ttl_s=ttl_s,
-        )
+        # Count and submit under the key's lock: a burst from one key cannot all pass together.
+        async with limits.submit_lock(owner):
+            if limits.enabled:
+                refusal = limits.active_refusal(await asyncio.to_thread(svc.queue.active_count, owner))
+            if refusal is None:
+                job = await asyncio.to_thread(
+                    svc.queue.submit, ENDPOINT_ID, stored, owner=owner, priority=priority,
+                    webhook_url=webhook_url, start_deadline=start_deadline,
+                    # sync_mode and fal's "X-Fal-Store-IO: 0": the request is forgotten once its
+                    # result was handed out (it has to be stored until then, to reach the worker
+                    # and back)
+                    ephemeral=body.sync_mode or request.headers.get("x-fal-store-io", "").strip() == "0",
+                    input_files=files, max_queue_length=svc.settings.max_queue_length,
+                    # fal's x-fal-no-retry: a request whose worker dies is not run a second time
+                    max_attempts=1 if _flag(request.headers.get("x-fal-no-retry")) else None,
+                    ttl_s=ttl_s,
+                )
     except QueueFullError as exc:
-        for fid in files:
-            svc.storage.delete(fid)
-        return fal_json({"detail": str(exc), "error_type": "queue_full"}, 429,
-                        error_type="queue_full")
+        refusal = fal_json({"detail": str(exc), "error_type": "queue_full"}, 429, error_type="queue_full")
     except ServiceFault:  # the queue is unavailable: a 503 naming it, and no orphan files
         for fid in files:
             svc.storage.delete(fid)
         raise
+    if refusal is not None:
+        for fid in files:
+            svc.storage.delete(fid)
+        return refusal
     await asyncio.to_thread(
         svc.queue.add_log, job.id,
         f"queued: {width}x{height}, {body.num_inference_steps} steps, {len(files)} reference(s)",
@@ -180,18 +197,6 @@ def _owned_job(request: Request, request_id: str) -> Job | JSONResponse:
     if job is None or job.endpoint != ENDPOINT_ID or (svc.auth.enabled and job.owner != owner):
         return fal_json({"detail": "Request not found", "status": "NOT_FOUND"}, 404)
     return job
-
-
-def _split_previews(entries: list[dict]) -> tuple[list[dict], Optional[str]]:
-    """Preview records (only requests with enable_previews have any) leave `logs`; the newest
-    one is returned for the stream event's `preview`."""
-    logs, preview = [], None
-    for entry in entries:
-        if entry["message"].startswith(PREVIEW_LOG_PREFIX):
-            preview = entry["message"][len(PREVIEW_LOG_PREFIX):]
-        else:
-            logs.append(entry)
-    return logs, preview
 
 
 def _flag(value: Optional[str]) -> bool:
@@ -210,12 +215,15 @@ async def submit(request: Request, body: FluxPulidInput = Body(...),
         return unprocessable([error_detail("x-fal-queue-priority", "must be 'normal' or 'low'", "enum",
                                            where="header")])
     if fal_webhook is not None:
+        from ..fetch import ReferenceImageError
         from ..webhooks import validate_webhook_url
 
         try:
-            fal_webhook = validate_webhook_url(fal_webhook)
-        except ValueError as exc:
-            return unprocessable([error_detail("fal_webhook", str(exc), "url_parsing", where="query")])
+            # The address policy of reference fetching: no internal targets (checked again
+            # at every delivery attempt).
+            fal_webhook = await validate_webhook_url(fal_webhook, svc.fetch_policy)
+        except ReferenceImageError as exc:
+            return unprocessable([error_detail("fal_webhook", exc.msg, exc.type, where="query")])
     job = await accept(request, body, priority=PRIORITIES[priority_name], webhook_url=fal_webhook)
     if isinstance(job, Response):
         return job
@@ -234,41 +242,57 @@ async def status(request: Request, request_id: str, logs: Optional[str] = Query(
     svc = services(request)
     entries = (await asyncio.to_thread(svc.log_entries, job.id))[0] if _flag(logs) else None
     if entries:
-        entries = _split_previews(entries)[0]
+        entries = split_previews(entries)[0]
     body = await asyncio.to_thread(svc.status_body, job, svc.base_url(request), entries)
     return fal_json(body, 200 if job.state == COMPLETED else 202, job.id)
 
 
-async def _status_events(request: Request, job: Job, with_logs: bool):
-    """SSE: one event per change, logs incremental, closes after COMPLETED."""
+async def _status_events(request: Request, watch: Watch, with_logs: bool):
+    """SSE: one event per change, logs incremental, closes after COMPLETED. The reads are the
+    status hub's, shared by every stream of the request."""
     svc = services(request)
     base = svc.base_url(request)
-    last_seq, last_sent, last_state, last_position = 0, time.monotonic(), None, None
+    keepalive_s = svc.settings.sse_keepalive_s
+    sent_version, sent_logs, sent_preview, last_sent = 0, 0, 0, time.monotonic()
     while True:
-        job = await asyncio.to_thread(svc.queue.get, job.id)
-        if job is None:
-            return
-        entries, last_seq_new = await asyncio.to_thread(svc.log_entries, job.id, last_seq)
-        logs, preview = _split_previews(entries)
-        body = await asyncio.to_thread(svc.status_body, job, base, logs if with_logs else None)
-        if preview is not None:
-            body["preview"] = preview
-        position = body.get("queue_position")
-        if entries or job.state != last_state or position != last_position:
-            last_seq, last_state, last_position = last_seq_new, job.state, position
+        changed = watch.event  # taken before looking, so a change meanwhile wakes the wait
+        if watch.version != sent_version:
+            sent_version, job = watch.version, watch.job
+            if job is None:
+                return
+            logs, sent_logs = watch.logs[sent_logs:], len(watch.logs)
+            body = svc.status_body(job, base, logs if with_logs else None, position=watch.position)
+            if watch.preview_seq != sent_preview:
+                body["preview"], sent_preview = watch.preview, watch.preview_seq
             last_sent = time.monotonic()
             yield f"data: {json.dumps(body)}\n\n"
             if job.state == COMPLETED:
                 return
-        elif time.monotonic() - last_sent > svc.settings.sse_keepalive_s:
+            continue
+        if time.monotonic() - last_sent > keepalive_s:
             last_sent = time.monotonic()
             yield ": keep-alive\n\n"
         if await request.is_disconnected():
             return
-        await asyncio.sleep(svc.settings.status_poll_interval_s)
+        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+            await asyncio.wait_for(changed.wait(), min(1.0, keepalive_s))
 
 
 SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+
+
+class _HeldStream(StreamingResponse):
+    """A stream that gives back its key's stream slot when it ends, however it ends."""
+
+    def __init__(self, *args, release, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 @router.get(f"/{ENDPOINT_ID}/requests/{{request_id}}/status/stream", tags=["queue"],
@@ -277,9 +301,19 @@ async def status_stream(request: Request, request_id: str, logs: Optional[str] =
     job = await asyncio.to_thread(_owned_job, request, request_id)
     if isinstance(job, Response):
         return job
-    return StreamingResponse(_status_events(request, job, _flag(logs)),
-                             media_type="text/event-stream",
-                             headers={**SSE_HEADERS, "x-fal-request-id": job.id})
+    svc = services(request)
+    release = svc.owner_limits.open_stream(request.state.owner)
+    if release is None:
+        return too_many(f"This key has {svc.settings.max_status_streams_per_key} status streams open "
+                        "(the limit); close one or poll the status URL", svc.settings)
+
+    async def events():
+        async with svc.status_hub.watch(job.id) as watch:
+            async for event in _status_events(request, watch, _flag(logs)):
+                yield event
+
+    return _HeldStream(events(), release=release, media_type="text/event-stream",
+                       headers={**SSE_HEADERS, "x-fal-request-id": job.id})
 
 
 @router.get(f"/{ENDPOINT_ID}/requests/{{request_id}}", response_model=FluxPulidOutput,
@@ -421,7 +455,7 @@ async def run_stream(request: Request, body: FluxPulidInput = Body(...)):
                     entries, last_seq_new = await asyncio.to_thread(svc.log_entries, job.id,
                                                                     last_seq)
                     if entries or (current.state != last_state and current.state != COMPLETED):
-                        logs, preview = _split_previews(entries)
+                        logs, preview = split_previews(entries)
                         running = replace(current, state=IN_PROGRESS) \
                             if current.state == COMPLETED else current
                         progress = await asyncio.to_thread(svc.status_body, running, base, logs)

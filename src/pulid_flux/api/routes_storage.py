@@ -218,6 +218,9 @@ async def client_token(request: Request, body: Optional[TokenBody] = None):
 
 async def _initiate(request: Request, body: Optional[InitiateBody], multipart: bool):
     svc = services(request)
+    full = await svc.owner_limits.storage_full(svc.storage, request.state.owner)  # per-key limit
+    if full is not None:
+        return full
     body = body or InitiateBody()
     meta = await asyncio.to_thread(
         svc.storage.reserve, content_type=body.content_type or DEFAULT_CONTENT_TYPE,
@@ -316,6 +319,9 @@ async def cdn_upload(request: Request):
     expires_at = upload_expiry(request)
     content_type = declared_type(request.headers.get("content-type"), "content-type", "header")
     declared_too_large(request, svc.settings.max_upload_bytes)
+    full = await svc.owner_limits.storage_full(svc.storage, request.state.owner)  # per-key limit
+    if full is not None:
+        return full
     meta = await asyncio.to_thread(
         svc.storage.reserve, content_type=content_type,
         file_name=request.headers.get("x-fal-file-name") or "upload.bin", kind=KIND_UPLOAD,
@@ -335,6 +341,9 @@ async def cdn_multipart(request: Request):
     svc = services(request)
     expires_at = upload_expiry(request)
     content_type = declared_type(request.headers.get("content-type"), "content-type", "header")
+    full = await svc.owner_limits.storage_full(svc.storage, request.state.owner)  # per-key limit
+    if full is not None:
+        return full
     meta = await asyncio.to_thread(
         svc.storage.reserve, content_type=content_type,
         file_name=request.headers.get("x-fal-file-name") or "upload.bin", kind=KIND_UPLOAD,

@@ -32,6 +32,15 @@ class Services:
     default_base_url: str = "http://127.0.0.1:8000"
     # Names of hosts that mean "this server" in reference URLs (own_file resolution).
     own_hosts: set[str] = field(default_factory=set)
+    owner_limits: Any = field(init=False)  # per-key fairness state (api/fairness.py)
+    status_hub: Any = field(init=False)  # the shared reader of status streams (api/status_hub.py)
+
+    def __post_init__(self) -> None:
+        from .fairness import OwnerLimits
+        from .status_hub import StatusHub
+
+        self.owner_limits = OwnerLimits(self.settings, enabled=self.auth.enabled)
+        self.status_hub = StatusHub(self)
 
     def base_url(self, request: Optional[Request]) -> str:
         if self.settings.public_url:
@@ -86,13 +95,15 @@ class Services:
             last = rec.seq
         return entries, last
 
-    def status_body(self, job: Job, base: str, logs: Optional[list[dict]]) -> dict:
+    def status_body(self, job: Job, base: str, logs: Optional[list[dict]],
+                    position: Optional[int] = None) -> dict:
+        """fal's status object; ``position`` spares the queue read when the caller has it."""
         body: dict[str, Any] = {
             "status": job.state, "request_id": job.id, **self.urls(job.id, base),
             "logs": logs, "metrics": dict(job.metrics or {}),
         }
         if job.state == IN_QUEUE:
-            body["queue_position"] = self.queue.position(job.id)
+            body["queue_position"] = self.queue.position(job.id) if position is None else position
         if job.state == COMPLETED and job.error is not None:
             body["error"] = job.error
             body["error_type"] = job.error_type

@@ -114,6 +114,10 @@ class Queue(abc.ABC):
         """0-based number of waiting requests that run before this one."""
 
     @abc.abstractmethod
+    def active_count(self, owner: str) -> int:
+        """How many of ``owner``'s requests are queued or running (the API's per-key limit)."""
+
+    @abc.abstractmethod
     def logs(self, request_id: str, after_seq: int = 0) -> list[LogRecord]: ...
 
     @abc.abstractmethod

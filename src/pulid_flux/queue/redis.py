@@ -515,6 +515,18 @@ def _reachable(method):
     return call
 
 
+# Read-only: counts an owner's waiting and running requests (bounded by the queue length).
+_ACTIVE_COUNT = r"""
+local P, owner, n = ARGV[1], ARGV[2], 0
+for _, set in ipairs({'waiting', 'running'}) do
+  for _, jid in ipairs(redis.call('ZRANGE', P .. set, 0, -1)) do
+    if redis.call('HGET', P .. 'job:' .. jid, 'owner') == owner then n = n + 1 end
+  end
+end
+return n
+"""
+
+
 class RedisQueue(Queue):
     """``Queue`` on a Redis server (6.2+; 7+ recommended). Thread- and process-safe."""
 
@@ -573,6 +585,7 @@ class RedisQueue(Queue):
         self._delete = reg(_DELETE)
         self._add_log = reg(_ADD_LOG)
         self._set_ttl = reg(_SET_TTL)
+        self._active_count = reg(_ACTIVE_COUNT)
 
     def k(self, name: str) -> str:
         return self.prefix + name
@@ -662,6 +675,10 @@ class RedisQueue(Queue):
     def position(self, request_id) -> int:
         rank = self.r.zrank(self.k("waiting"), request_id)
         return int(rank) if rank is not None else 0
+
+    @_reachable
+    def active_count(self, owner) -> int:
+        return int(self._active_count(args=[self.prefix, owner or ""]))
 
     @_reachable
     def logs(self, request_id, after_seq=0):

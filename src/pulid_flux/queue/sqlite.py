@@ -63,6 +63,7 @@ CREATE TABLE IF NOT EXISTS requests (
 );
 CREATE INDEX IF NOT EXISTS requests_waiting ON requests (state, priority, seq);
 CREATE INDEX IF NOT EXISTS requests_webhook ON requests (webhook_state);
+CREATE INDEX IF NOT EXISTS requests_owner ON requests (owner, state);
 CREATE TABLE IF NOT EXISTS logs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     request_id TEXT NOT NULL,
@@ -266,6 +267,12 @@ class SQLiteQueue(Queue):
             (IN_QUEUE, row["priority"], row["priority"], row["seq"]),
         ).fetchone()
         return int(ahead)
+
+    def active_count(self, owner) -> int:
+        (n,) = self._db().execute(
+            "SELECT COUNT(*) FROM requests WHERE owner=? AND state IN (?, ?)", (owner, IN_QUEUE, IN_PROGRESS)
+        ).fetchone()
+        return int(n)
 
     def logs(self, request_id, after_seq=0):
         rows = self._db().execute(

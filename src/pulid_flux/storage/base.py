@@ -12,7 +12,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 FILE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
@@ -262,6 +262,15 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def delete(self, file_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def files(self) -> Iterator[StoredFile]:
+        """Every stored file's record (finished or not), in no particular order."""
+
+    def owner_bytes(self, owner: str) -> int:
+        """Bytes stored for ``owner`` (uploads, inputs, outputs): the per-key storage limit.
+        A scan, O(files): fine for the sizes the retention settings keep."""
+        return sum(meta.size for meta in self.files() if meta.owner == owner)
 
     @abc.abstractmethod
     def expire(self, kind: str, created_before: float, now: Optional[float] = None) -> int:

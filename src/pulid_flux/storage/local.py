@@ -177,6 +177,12 @@ class LocalStorage(Storage):
         except StorageError:
             pass
 
+    def files(self):
+        for d in self.root.iterdir():
+            meta = self.stat(d.name)
+            if meta is not None:
+                yield meta
+
     def expire(self, kind, created_before, now=None) -> int:
         now = time.time() if now is None else now
         n = 0

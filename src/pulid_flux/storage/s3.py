@@ -336,6 +336,14 @@ class S3Storage(Storage):
             keys += self._index_keys(meta)
         self._delete_keys(keys)
 
+    def files(self):
+        for obj in self._list(self.prefix):
+            file_id, _, name = obj["Key"][len(self.prefix):].partition("/")
+            if name == "meta.json":
+                meta = self.stat(file_id)
+                if meta is not None:
+                    yield meta
+
     def expire(self, kind, created_before, now=None) -> int:
         now = time.time() if now is None else now
         n = 0

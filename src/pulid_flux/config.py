@@ -92,6 +92,18 @@ class Settings(BaseSettings):
     worker_stop_grace_s: float = Field(
         10.0, gt=0, description="Time a worker gets to exit on shutdown before it is killed."
     )
+    model_load_max_failures: int = Field(
+        3, ge=1, description="Consecutive model-load failures after which the worker reports "
+        "`failed`: new submits get 503 and queued requests complete with the reason.",
+    )
+    model_load_retry_max_s: float = Field(
+        60.0, gt=0, description="Longest wait between a worker's model-load attempts (it keeps "
+        "retrying, so weights downloaded later are picked up without a restart).",
+    )
+    fault_retry_max_s: float = Field(
+        30.0, gt=0, description="Longest wait of a worker or supervisor retrying after a fault of "
+        "ours (full disk, unwritable queue) before it tries again.",
+    )
     stale_sweep_interval_s: float = Field(
         5.0, gt=0, description="How often idle workers also re-queue requests of silent workers."
     )
@@ -195,6 +207,10 @@ class Settings(BaseSettings):
     max_reference_pixels: int = Field(
         40_000_000, ge=1, description="Largest decoded reference image (width × height)."
     )
+    min_reference_side: int = Field(
+        64, ge=1, description="Smallest reference width/height, checked at submit (the engine "
+        "refuses images under 64 pixels a side: no usable face fits).",
+    )
     fetch_timeout_s: float = Field(20.0, gt=0, description="Total time to fetch one reference.")
     fetch_max_redirects: int = Field(3, ge=0, le=20)
     fetch_allowed_private_cidrs: Annotated[list[str], NoDecode] = Field(
@@ -207,6 +223,10 @@ class Settings(BaseSettings):
         1024 * 1024 * 1024, ge=1024, description="Largest uploaded file (single or multipart)."
     )
     max_multipart_parts: int = Field(10000, ge=1, description="Most parts of one multipart upload.")
+    min_free_disk_bytes: int = Field(
+        32 * 1024 * 1024, ge=0, description="/health reports local storage or the SQLite queue "
+        "`degraded` when their disk has less free space than this.",
+    )
     upload_url_ttl_s: float = Field(3600.0, gt=0, description="Lifetime of signed upload URLs.")
     storage_token_ttl_s: float = Field(
         3600.0, gt=0, description="Lifetime of CDN upload tokens; also caps `/rest/tokens/` ones."

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..config import ENDPOINT_ID
+from ..errors import ServiceFault
 from ..engine.preview import PREVIEW_LOG_PREFIX
 from ..queue.base import (
     COMPLETED, IN_PROGRESS, IN_QUEUE, PRIORITIES, WEBHOOK_PENDING, Job, QueueFullError,
@@ -83,6 +84,9 @@ async def accept(request: Request, body: FluxPulidInput, *, priority: int = 0,
     """Validates, fetches references, stores them and enqueues; returns the job or a 422."""
     svc = services(request)
     owner = request.state.owner  # set by require_auth
+    fault = await asyncio.to_thread(svc.model_fault)
+    if fault is not None:
+        raise fault
     errors = check_limits(body, svc.settings)
     try:
         ttl_s = retention_from_header(request.headers.get(LIFECYCLE_PREFERENCE_HEADER),
@@ -113,13 +117,17 @@ async def accept(request: Request, body: FluxPulidInput, *, priority: int = 0,
     if errors:
         return unprocessable(errors)
 
-    files = []
-    for i, data in enumerate(results):
-        meta = await asyncio.to_thread(
-            svc.storage.put, data, content_type="application/octet-stream",
-            file_name=f"reference-{i}", kind=KIND_INPUT, owner=owner,
-        )
-        files.append(meta.id)
+    files: list[str] = []
+    try:
+        for i, data in enumerate(results):
+            meta = await asyncio.to_thread(
+                svc.storage.put, data, content_type="application/octet-stream",
+                file_name=f"reference-{i}", kind=KIND_INPUT, owner=owner,
+            )
+            files.append(meta.id)
+    except ServiceFault:
+        await asyncio.to_thread(_discard, svc, files)
+        raise
 
     width, height = resolve_size(body.image_size, svc.settings)
     stored = body.model_dump(mode="json")
@@ -150,15 +158,25 @@ async def accept(request: Request, body: FluxPulidInput, *, priority: int = 0,
             ttl_s=ttl_s,
         )
     except QueueFullError as exc:
-        for fid in files:
-            svc.storage.delete(fid)
+        await asyncio.to_thread(_discard, svc, files)
         return fal_json({"detail": str(exc), "error_type": "queue_full"}, 429,
                         error_type="queue_full")
-    await asyncio.to_thread(
-        svc.queue.add_log, job.id,
-        f"queued: {width}x{height}, {body.num_inference_steps} steps, {len(files)} reference(s)",
-    )
+    except ServiceFault:
+        await asyncio.to_thread(_discard, svc, files)
+        raise
+    try:
+        await asyncio.to_thread(
+            svc.queue.add_log, job.id,
+            f"queued: {width}x{height}, {body.num_inference_steps} steps, {len(files)} reference(s)",
+        )
+    except ServiceFault:
+        pass  # the request is accepted: a log line it lacks must not turn that into an error
     return job
+
+
+def _discard(svc: Services, files: list[str]) -> None:
+    for fid in files:
+        svc.storage.delete(fid)
 
 
 def _owned_job(request: Request, request_id: str) -> Job | JSONResponse:

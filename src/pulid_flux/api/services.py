@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 from fastapi import Request
 
 from ..config import ENDPOINT_ID, Settings
+from ..errors import ServiceFault
 from ..queue.base import COMPLETED, IN_QUEUE, Job, Queue
 from ..storage.base import FILE_ID_RE, FILE_REF_PREFIX, Storage, expand_file_refs
 from .auth import Auth
@@ -32,6 +33,15 @@ class Services:
     default_base_url: str = "http://127.0.0.1:8000"
     # Names of hosts that mean "this server" in reference URLs (own_file resolution).
     own_hosts: set[str] = field(default_factory=set)
+    supervisor: Any = None  # serve's WorkerSupervisor, when it runs local workers
+
+    def model_fault(self) -> Optional[ServiceFault]:
+        """The model is unavailable when every live worker reports ``failed`` (its model does not
+        load): then submits get 503 with the reason instead of waiting forever."""
+        workers = self.queue.workers(self.settings.alive_window_s)
+        if workers and all(w.state == "failed" for w in workers):
+            return ServiceFault("model", workers[0].error or "the model could not be loaded")
+        return None
 
     def base_url(self, request: Optional[Request]) -> str:
         if self.settings.public_url:

@@ -127,3 +127,6 @@ class Storage(abc.ABC):
     def expire(self, kind: str, created_before: float, now: Optional[float] = None) -> int:
         """Deletes the files of ``kind`` created before ``created_before``, and those whose own
         ``expires_at`` passed by ``now`` (default: the current time); returns how many."""
+
+    def probe(self, min_free_bytes: int = 0) -> None:
+        """Raises ServiceFault when the store cannot take writes now (/health asks this)."""

@@ -115,7 +115,7 @@ class WorkerSupervisor:
         return cmd
 
     async def _keep_one(self, slot: int, svc) -> None:
-        backoff = 1.0
+        first = backoff = min(1.0, self.settings.worker_restart_backoff_max_s)
         while True:
             started = time.monotonic()
             try:
@@ -125,7 +125,7 @@ class WorkerSupervisor:
             except Exception:  # noqa: BLE001 - e.g. no memory to fork: log, wait, try again
                 self._record_error(f"worker slot {slot}")
             if time.monotonic() - started > self.settings.worker_healthy_uptime_s:
-                backoff = 1.0
+                backoff = first
             log.info("restarting worker slot %d in %.0f s", slot, backoff)
             await asyncio.sleep(backoff)
             self.restarts += 1

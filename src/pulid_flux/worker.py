@@ -37,6 +37,13 @@ CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 
+def _clip(text: str, limit: int = 4000) -> str:
+    """Long messages keep their start and their end (where the loader puts the fix)."""
+    if len(text) <= limit:
+        return text
+    return text[: limit // 2] + "\n…\n" + text[-limit // 2:]
+
+
 class Cancelled(Exception):
     pass
 
@@ -103,10 +110,13 @@ class Worker:
         self.load_error = ""  # why the model does not load, while it does not
         self._fault_delay = 0.0  # wait before the next claim after a fault of ours
 
+    def _next_fault_delay(self) -> float:
+        return min(max(1.0, self._fault_delay * 2), self.settings.fault_retry_max_s)
+
     def _pause_after_fault(self) -> None:
         """Backs off (1 s doubling to fault_retry_max_s) after a fault of ours, so a full disk
         is retried calmly until it clears; reset by the next request that gets through."""
-        self._fault_delay = min(max(1.0, self._fault_delay * 2), self.settings.fault_retry_max_s)
+        self._fault_delay = self._next_fault_delay()
         self.stop.wait(self._fault_delay)
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -125,11 +135,17 @@ class Worker:
     def _heartbeat_loop(self) -> None:
         # Runs until the worker really ends (not merely until `stop`): a worker finishing its
         # last request after its parent died must keep its lease.
+        failing = False
         while not self._hb_stop.is_set():
             try:
                 self.queue.heartbeat(self.worker_id)
-            except Exception:  # a locked database must not kill the lease thread
-                log.exception("heartbeat failed")
+                if failing:
+                    log.warning("heartbeat works again")
+                failing = False
+            except Exception:  # a locked or full database must not kill the lease thread
+                if not failing:  # once per outage, not once a second
+                    log.exception("heartbeat failed; retrying")
+                failing = True
             if self.parent_pid and os.getppid() != self.parent_pid:
                 # The server that started us is gone: finish what runs, then leave.
                 if not self.stop.is_set():
@@ -199,7 +215,7 @@ class Worker:
                 job = self.queue.claim(self.worker_id, ENDPOINT_ID)
                 if job is None:
                     return
-                msg = f"model unavailable: {self.load_error}"[:2000]
+                msg = _clip(f"model unavailable: {self.load_error}")
                 self.queue.add_log(job.id, msg, "ERROR")
                 self.queue.complete(job.id, worker_id=self.worker_id, status_code=503,
                                     result={"detail": msg, "error_type": "model_unavailable"},
@@ -228,13 +244,17 @@ class Worker:
 
     def serve_forever(self, max_jobs: int = 0) -> None:
         from .config import ENDPOINT_ID
-
         from .errors import ServiceFault
 
         last_sweep = 0.0
         try:
             while not self.stop.is_set():
                 try:
+                    if self._fault_delay:
+                        # After a fault, claim only once both take writes again: no request
+                        # is generated in vain while the disk is still full.
+                        self.storage.probe()
+                        self.queue.probe()
                     job = self.queue.claim(self.worker_id, ENDPOINT_ID)
                     if job is None:
                         # Sweeping here too lets deployments without `serve` recover from lost
@@ -246,7 +266,7 @@ class Worker:
                         self.stop.wait(self.settings.worker_poll_interval_s)
                         continue
                 except ServiceFault as exc:
-                    log.error("queue fault, retrying: %s", exc)
+                    log.error("%s; retrying in %.0f s", exc, self._next_fault_delay())
                     self._pause_after_fault()
                     continue
                 if not self.process(job):
@@ -287,7 +307,7 @@ class Worker:
     def _hand_back(self, job) -> None:
         """Releases the request (the attempt does not count), retrying with backoff until the
         queue takes it; the lease keeps it ours meanwhile."""
-        delay = 1.0
+        delay = min(1.0, self.settings.fault_retry_max_s)
         while True:
             try:
                 self.queue.release(job.id, self.worker_id)

@@ -305,22 +305,18 @@ def tmpfs(tmp_path):
 
 
 def fill(path: pathlib.Path) -> None:
-    with open(path, "wb") as f:
-        chunk = b"\0" * (256 * 1024)
-        try:
+    """Writes until not even one more byte fits (unbuffered, so nothing is left to flush)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (1 << 20, 4096, 1):
             while True:
-                f.write(chunk)
-                f.flush()
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
-    # Also the last few bytes, so a one-page write fails as well.
-    with open(path, "ab") as f:
-        try:
-            while True:
-                f.write(b"\0" * 512)
-                f.flush()
-        except OSError:
-            pass
+                try:
+                    os.write(fd, b"\0" * size)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC
+                    break
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.timeout(400)

@@ -264,11 +264,11 @@ def create_app(settings: Optional[Settings] = None, *, services: Optional[Servic
         label = None
         if model is not None:
             label = model.model + (" (random weights)" if model.random_weights else "")
-        model_error = None
-        if not ready:
-            model_error = next((w.error for w in workers if w.error), None)
-            if model_error and all(w.state == "failed" for w in workers):
-                faults.append({"component": "model", "reason": model_error})
+        # Why no worker is ready, while a model does not load (the reason names the fix).
+        model_error = None if ready else next((w.error for w in workers if w.error), None)
+        model_fault = svc.model_fault(workers)
+        if model_fault is not None:
+            faults.append({"component": "model", "reason": model_fault.reason})
         body = {
             "status": "degraded" if faults else "ok", "faults": faults,
             "endpoint": ENDPOINT_ID, "version": __version__,
@@ -276,7 +276,8 @@ def create_app(settings: Optional[Settings] = None, *, services: Optional[Servic
             "random_weights": bool(model.random_weights) if model else None,
             "ready": bool(ready), "model_error": model_error,
             "workers": [{"id": w.worker_id, "state": w.state, "model": w.model,
-                         "random_weights": w.random_weights, "device": w.device} for w in workers],
+                         "random_weights": w.random_weights, "device": w.device,
+                         "error": w.error or None} for w in workers],
             "workers_alive": len(workers),
             "queue": {"in_queue": int(stats.get("state_IN_QUEUE", 0)),
                       "in_progress": int(stats.get("state_IN_PROGRESS", 0))},

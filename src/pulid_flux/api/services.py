@@ -35,10 +35,11 @@ class Services:
     own_hosts: set[str] = field(default_factory=set)
     supervisor: Any = None  # serve's WorkerSupervisor, when it runs local workers
 
-    def model_fault(self) -> Optional[ServiceFault]:
+    def model_fault(self, workers: Optional[list] = None) -> Optional[ServiceFault]:
         """The model is unavailable when every live worker reports ``failed`` (its model does not
         load): then submits get 503 with the reason instead of waiting forever."""
-        workers = self.queue.workers(self.settings.alive_window_s)
+        if workers is None:
+            workers = self.queue.workers(self.settings.alive_window_s)
         if workers and all(w.state == "failed" for w in workers):
             return ServiceFault("model", workers[0].error or "the model could not be loaded")
         return None

@@ -420,3 +420,19 @@ def check_playground_shows(base: str, texts: list[str]) -> None:
             assert page.locator("#server").get_attribute("data-state") == "degraded"
         finally:
             browser.close()
+
+
+def test_a_full_disk_mid_write_is_a_storage_fault(tmp_path, monkeypatch):
+    from pulid_flux.errors import ServiceFault
+    from pulid_flux.storage.local import LocalStorage, _LocalWriter
+
+    store = LocalStorage(tmp_path)
+
+    def no_space(writer, chunk):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(_LocalWriter, "_write", no_space)
+    with pytest.raises(ServiceFault) as exc:
+        store.put(b"x" * 10, content_type="image/png", file_name="a.png")
+    assert exc.value.status_code == 507 and exc.value.component == "storage"
+    assert list(tmp_path.iterdir()) == []  # neither the reserved entry nor a temp file stays

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import sqlite3
 from typing import Optional, Sequence
 
@@ -90,8 +91,10 @@ def raises_service_faults(component: str):
         return method
 
     def decorate(cls):
-        for name, value in list(vars(cls).items()):
-            if not name.startswith("_") and callable(value):
+        # Inherited methods too (a base class's put() writes through this class's writers).
+        for name in dir(cls):
+            value = inspect.getattr_static(cls, name)
+            if not name.startswith("_") and inspect.isfunction(value):
                 setattr(cls, name, wrap(value))
         return cls
 

@@ -178,9 +178,10 @@ def test_a_database_of_an_older_version_gets_the_new_columns(tmp_path):
 
     path = tmp_path / "old.sqlite3"
     old_schema = SCHEMA
-    for name, sql_type in ADDED_COLUMNS.items():
-        old_schema = old_schema.replace(f"    {name} {sql_type},\n", "")
-    assert old_schema != SCHEMA
+    for columns in ADDED_COLUMNS.values():
+        for name, sql_type in columns.items():
+            old_schema = old_schema.replace(f"    {name} {sql_type},\n", "")
+    assert "max_attempts" not in old_schema and "error TEXT NOT NULL" not in old_schema
     db = sqlite3.connect(path)
     db.executescript(old_schema)
     db.execute("INSERT INTO requests (id, endpoint, state, input, created_at) "
@@ -191,3 +192,5 @@ def test_a_database_of_an_older_version_gets_the_new_columns(tmp_path):
     assert q.get("old").max_attempts is None
     assert q.claim("w", "ep").id == "old"
     assert q.get(q.submit("ep", {}, max_attempts=1).id).max_attempts == 1
+    q.register_worker(WorkerInfo(worker_id="w2", pid=1, state="failed", error="no weights"))
+    assert [w.error for w in q.workers() if w.worker_id == "w2"] == ["no weights"]

@@ -120,6 +120,18 @@ class Settings(BaseSettings):
         5.0, gt=0, description="Longest wait between a worker's tries to write a result (or hand "
         "a request back) while the queue is unavailable; it keeps the result until it is back.",
     )
+    model_load_max_failures: int = Field(
+        3, ge=1, description="Consecutive model-load failures after which the worker reports "
+        "`failed`: new submits get 503 and queued requests complete with the reason.",
+    )
+    model_load_retry_max_s: float = Field(
+        60.0, gt=0, description="Longest wait between a worker's model-load attempts (it keeps "
+        "retrying, so weights downloaded later are picked up without a restart).",
+    )
+    fault_retry_max_s: float = Field(
+        30.0, gt=0, description="Longest wait of a worker or supervisor retrying after a fault of "
+        "ours (full disk, unwritable queue) before it tries again.",
+    )
     stale_sweep_interval_s: float = Field(
         5.0, gt=0, description="How often idle workers also re-queue requests of silent workers."
     )
@@ -264,6 +276,10 @@ class Settings(BaseSettings):
     max_reference_pixels: int = Field(
         40_000_000, ge=1, description="Largest decoded reference image (width × height)."
     )
+    min_reference_side: int = Field(
+        64, ge=1, description="Smallest reference width/height, checked at submit (the engine "
+        "refuses images under 64 pixels a side: no usable face fits).",
+    )
     fetch_timeout_s: float = Field(20.0, gt=0, description="Total time to fetch one reference.")
     fetch_max_redirects: int = Field(3, ge=0, le=20)
     fetch_allowed_private_cidrs: Annotated[list[str], NoDecode] = Field(
@@ -277,6 +293,10 @@ class Settings(BaseSettings):
         1024 * 1024 * 1024, ge=1024, description="Largest uploaded file (single or multipart)."
     )
     max_multipart_parts: int = Field(10000, ge=1, description="Most parts of one multipart upload.")
+    min_free_disk_bytes: int = Field(
+        32 * 1024 * 1024, ge=0, description="/health reports local storage or the SQLite queue "
+        "`degraded` when their disk has less free space than this.",
+    )
     max_complete_body_bytes: int = Field(
         1024 * 1024, ge=1024, description="Largest multipart `complete` body (the part list); 413 above."
     )

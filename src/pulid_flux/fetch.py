@@ -54,6 +54,8 @@ import httpcore
 import httpx
 from PIL import Image
 
+from .errors import InputError
+
 log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -68,18 +70,18 @@ FETCH_FAILED = "fetch_failed"  # DNS, connect, HTTP status, protocol, redirect l
 FILE_TOO_LARGE = "file_too_large"  # body or data URI over the byte limits
 IMAGE_LOAD_ERROR = "image_load_error"  # not an image, unsupported, corrupt, malformed data URI
 IMAGE_TOO_LARGE = "image_too_large"  # dimensions over max_pixels / max_side
+IMAGE_TOO_SMALL = "image_too_small"  # a side under min_side: too small to hold a usable face
 TIMEOUT = "timeout"  # total or connect time cap exceeded
 
-ERROR_TYPES = (URL_NOT_ALLOWED, FETCH_FAILED, FILE_TOO_LARGE, IMAGE_LOAD_ERROR, IMAGE_TOO_LARGE, TIMEOUT)
+ERROR_TYPES = (URL_NOT_ALLOWED, FETCH_FAILED, FILE_TOO_LARGE, IMAGE_LOAD_ERROR, IMAGE_TOO_LARGE,
+               IMAGE_TOO_SMALL, TIMEOUT)
 
 
-class ReferenceImageError(ValueError):
+class ReferenceImageError(InputError):
     """A reference image could not be used; ``msg`` is safe to show to the user."""
 
     def __init__(self, msg: str, type: str) -> None:  # noqa: A002 - agreed attribute name
-        super().__init__(msg)
-        self.msg = msg
-        self.type = type
+        super().__init__(msg, loc=("body", "reference_image_url"), type_=type)
 
     def __repr__(self) -> str:
         return f"ReferenceImageError(type={self.type!r}, msg={self.msg!r})"
@@ -105,6 +107,7 @@ class FetchPolicy:
     max_redirects: int = 5  # redirect hops followed before giving up
     max_pixels: int = 40_000_000  # width*height cap checked from the header, before decoding
     max_side: int = 8192  # cap on either dimension, checked from the header
+    min_side: int = 0  # floor on either dimension, checked from the header; 0 = none
     max_data_uri_bytes: int = 28 * 1024 * 1024  # cap on the raw data: URI string (base64 of ~20 MiB)
     max_url_length: int = 8192  # cap on a non-data URL's length
     # CIDRs allowed although not globally routable (e.g. a private model store); empty = none.
@@ -613,6 +616,10 @@ def decode_image(data: bytes, policy: FetchPolicy) -> Image.Image:
         raise ReferenceImageError(f"the image is larger than {policy.max_side} pixels on a side", IMAGE_TOO_LARGE)
     if width * height > policy.max_pixels:
         raise ReferenceImageError(f"the image has more than {policy.max_pixels} pixels", IMAGE_TOO_LARGE)
+    if min(width, height) < policy.min_side:
+        raise ReferenceImageError(
+            f"the image is too small ({width}x{height} pixels) to hold a recognisable face; "
+            f"it needs at least {policy.min_side} pixels on each side", IMAGE_TOO_SMALL)
     try:
         image.load()
     except MemoryError:

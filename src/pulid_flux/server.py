@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 import uuid
 from typing import Any
 
@@ -63,12 +64,43 @@ def settings_from_args(args: argparse.Namespace):
 
 
 class WorkerSupervisor:
-    """Runs N ``pulid-flux worker`` children; restarts them with bounded backoff."""
+    """Runs N ``pulid-flux worker`` children; restarts them with bounded backoff.
+
+    It never ends on its own: whatever fails inside it (starting a process, releasing a dead
+    worker's requests on a full disk) is logged, counted and retried; /health and /metrics show
+    its state."""
 
     def __init__(self, settings, count: int):
         self.settings = settings
         self.count = count
         self.procs: dict[int, asyncio.subprocess.Process] = {}
+        self.tasks: list[asyncio.Task] = []
+        self.restarts = 0  # worker processes started again after one exited
+        self.errors = 0  # exceptions inside the supervisor itself
+        self.last_error = ""
+        self.failing = False  # its last start or release failed (cleared by the next success)
+
+    def health(self) -> dict:
+        return {"alive": self.alive, "workers_wanted": self.count,
+                "workers_running": sum(1 for p in self.procs.values() if p.returncode is None),
+                "restarts": self.restarts, "errors": self.errors,
+                "last_error": self.last_error or None}
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.tasks) and not any(t.done() for t in self.tasks)
+
+    def fault(self) -> str:
+        """Why the supervisor is in trouble ('' when it is not), for /health's faults."""
+        if self.tasks and not self.alive:
+            return "the worker supervisor stopped: " + (self.last_error or "unknown reason")
+        return self.last_error if self.failing else ""
+
+    def _record_error(self, what: str) -> None:
+        self.errors += 1
+        self.failing = True
+        self.last_error = f"{what}: {traceback.format_exc(limit=0).strip().splitlines()[-1]}"
+        log.exception("supervisor: %s", what)
 
     def _command(self, worker_id: str) -> list[str]:
         s = self.settings
@@ -85,29 +117,51 @@ class WorkerSupervisor:
         return cmd
 
     async def _keep_one(self, slot: int, svc) -> None:
-        backoff = 1.0
+        first = backoff = min(1.0, self.settings.worker_restart_backoff_max_s)
         while True:
-            worker_id = f"local{slot}-{uuid.uuid4().hex[:8]}"
             started = time.monotonic()
-            proc = await asyncio.create_subprocess_exec(*self._command(worker_id))
-            self.procs[slot] = proc
-            log.info("started worker %s (pid %d)", worker_id, proc.pid)
-            code = await proc.wait()
-            # Whatever it held goes back to the queue now (or fails after max_attempts).
-            ids = await asyncio.to_thread(svc.queue.release_worker, worker_id,
-                                          self.settings.max_attempts)
-            log.warning("worker %s exited with %s; %d request(s) released", worker_id, code, len(ids))
+            try:
+                await self._run_one(slot, svc)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - e.g. no memory to fork: log, wait, try again
+                self._record_error(f"worker slot {slot}")
             if time.monotonic() - started > self.settings.worker_healthy_uptime_s:
-                backoff = 1.0
+                backoff = first
+            log.info("restarting worker slot %d in %.0f s", slot, backoff)
             await asyncio.sleep(backoff)
+            self.restarts += 1
             backoff = min(backoff * 2, self.settings.worker_restart_backoff_max_s)
 
-    async def __call__(self, svc) -> None:
-        tasks = [asyncio.create_task(self._keep_one(i, svc)) for i in range(self.count)]
+    async def _run_one(self, slot: int, svc) -> None:
+        worker_id = f"local{slot}-{uuid.uuid4().hex[:8]}"
+        proc = await asyncio.create_subprocess_exec(*self._command(worker_id))
+        self.procs[slot] = proc
+        self.failing = False
+        log.info("started worker %s (pid %d)", worker_id, proc.pid)
+        code = await proc.wait()
+        log.warning("worker %s exited with %s", worker_id, code)
+        # Whatever it held goes back to the queue now (or fails after max_attempts).
         try:
-            await asyncio.gather(*tasks)
+            ids = await asyncio.to_thread(svc.queue.release_worker, worker_id,
+                                          self.settings.max_attempts)
+        except Exception:  # noqa: BLE001 - e.g. a full disk: the reaper re-queues them later
+            self._record_error(f"releasing the requests of worker {worker_id} (they are "
+                               "re-queued once their lease runs out)")
+            return
+        log.warning("%d request(s) of worker %s released", len(ids), worker_id)
+
+    async def __call__(self, svc) -> None:
+        self.tasks = [asyncio.create_task(self._keep_one(i, svc)) for i in range(self.count)]
+        try:
+            await asyncio.gather(*self.tasks)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:  # not expected: _keep_one survives everything but cancellation
+            self._record_error("supervisor ended")
+            raise
         finally:
-            for t in tasks:
+            for t in self.tasks:
                 t.cancel()
             await self.stop()
 
@@ -138,8 +192,10 @@ class _suppress:
 def build_app(settings):
     from .api.app import create_app
 
-    background = [WorkerSupervisor(settings, settings.local_workers)] if settings.local_workers else []
-    return create_app(settings, background=background)
+    supervisor = WorkerSupervisor(settings, settings.local_workers) if settings.local_workers else None
+    app = create_app(settings, background=[supervisor] if supervisor else [])
+    app.state.services.supervisor = supervisor  # its state shows in /health and /metrics
+    return app
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

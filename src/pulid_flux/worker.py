@@ -37,6 +37,13 @@ CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 
+def _clip(text: str, limit: int = 4000) -> str:
+    """Long messages keep their start and their end (where the loader puts the fix)."""
+    if len(text) <= limit:
+        return text
+    return text[: limit // 2] + "\n…\n" + text[-limit // 2:]
+
+
 class Cancelled(Exception):
     pass
 
@@ -98,9 +105,21 @@ class Worker:
         self._queue_fault: Optional[str] = None  # why the queue is unavailable, while it is
         self._hb_stop = threading.Event()
         self.policy = FetchPolicy(max_bytes=settings.max_reference_bytes,
-                                  max_pixels=settings.max_reference_pixels)
+                                  max_pixels=settings.max_reference_pixels,
+                                  min_side=settings.min_reference_side)
         self._hb_thread: Optional[threading.Thread] = None
         self.jobs_done = 0
+        self.load_error = ""  # why the model does not load, while it does not
+        self._fault_delay = 0.0  # wait before the next claim after a fault of ours
+
+    def _next_fault_delay(self) -> float:
+        return min(max(1.0, self._fault_delay * 2), self.settings.fault_retry_max_s)
+
+    def _pause_after_fault(self) -> None:
+        """Backs off (1 s doubling to fault_retry_max_s) after a fault of ours, so a full disk
+        is retried calmly until it clears; reset by the next request that gets through."""
+        self._fault_delay = self._next_fault_delay()
+        self.stop.wait(self._fault_delay)
 
     # --- lifecycle --------------------------------------------------------------------------
     def drain(self) -> None:
@@ -157,20 +176,29 @@ class Worker:
     def _register_now(self, state: str) -> None:
         from .queue.base import WorkerInfo
 
-        self.queue.register_worker(WorkerInfo(
-            worker_id=self.worker_id, pid=os.getpid(), model=self.model_name,
-            random_weights=bool(getattr(self.pipe, "is_random_weights", False)),
-            device=str(getattr(self.pipe, "device", "")), state=state,
-        ))
+        try:
+            self.queue.register_worker(WorkerInfo(
+                worker_id=self.worker_id, pid=os.getpid(), model=self.model_name,
+                random_weights=bool(getattr(self.pipe, "is_random_weights", False)),
+                device=str(getattr(self.pipe, "device", "")), state=state, error=self.load_error,
+            ))
+        except Exception:  # noqa: BLE001 - the registry is advisory; a full disk must not kill us
+            log.exception("could not record worker state %s", state)
 
     def _heartbeat_loop(self) -> None:
         # Runs until the worker really ends (not merely until `stop`): a worker finishing its
         # last request after its parent died must keep its lease.
+        failing = False
         while not self._hb_stop.is_set():
             try:
-                self._try_queue(self.queue.heartbeat, self.worker_id)
-            except Exception:  # a locked database must not kill the lease thread
-                log.exception("heartbeat failed")
+                self.queue.heartbeat(self.worker_id)
+                if failing:
+                    log.warning("heartbeat works again")
+                failing = False
+            except Exception:  # a locked or full database must not kill the lease thread
+                if not failing:  # once per outage, not once a second
+                    log.exception("heartbeat failed; retrying")
+                failing = True
             if self.parent_pid and os.getppid() != self.parent_pid:
                 # The server that started us is gone: finish what runs, then leave.
                 if not self.stop.is_set():
@@ -179,26 +207,74 @@ class Worker:
                 self.stop.set()
             self._hb_stop.wait(self.settings.heartbeat_interval_s)
 
-    def load(self, model: Optional[str] = None) -> None:
-        self._register_now("loading")
+    def load(self, model: Optional[str] = None) -> bool:
+        """Loads the model, retrying with backoff until it loads or the worker is stopped
+        (False). The reason of each failure is in the worker registry (/health shows it);
+        after ``model_load_max_failures`` in a row the worker is ``failed`` and completes the
+        queued requests with that reason instead of leaving them waiting."""
+        self._register("loading")
         self._start_heartbeat()
-        if self.pipe is None:
-            from .engine.pipeline import PuLIDFluxPipeline
-
+        failures = 0
+        while self.pipe is None:
             name = choose_model(model or self.settings.model)
-            log.info("loading model %s", name)
-            self.pipe = PuLIDFluxPipeline.from_preset(
-                name, device=self.settings.device, weights_dir=self.settings.weights_dir,
-                offload=self.settings.offload, fp8=self.settings.fp8, compile=self.settings.compile,
-                id_cache_size=self.settings.id_cache_size, batch_cfg=self.settings.batch_cfg,
-            )
-            if self.settings.worker_warmup:
-                self._warm_up()
+            self.model_name = self.model_name or name
+            try:
+                self._load_pipeline(name)
+            except Exception as exc:  # noqa: BLE001 - missing weights, OOM, a broken file, …
+                failures += 1
+                self.load_error = str(exc) or type(exc).__name__
+                failed = failures >= self.settings.model_load_max_failures
+                log.error("could not load model %s (attempt %d)%s", name, failures,
+                          "" if failures > 1 else ":\n" + traceback.format_exc())
+                self._free_accelerator_memory()
+                self._register("failed" if failed else "loading")
+                delay = min(2.0 ** failures, self.settings.model_load_retry_max_s)
+                deadline = time.monotonic() + delay
+                while not self.stop.is_set() and time.monotonic() < deadline:
+                    if failed:
+                        self._fail_waiting_requests()
+                    self.stop.wait(min(1.0, self.settings.worker_poll_interval_s * 10))
+                if self.stop.is_set():
+                    return False
+        self.load_error = ""
         self.model_name = getattr(self.pipe, "model_name", self.model_name) or "unknown"
         if getattr(self.pipe, "is_random_weights", False):
             log.warning(RANDOM_WEIGHTS_BANNER, self.model_name)
         self._register("ready")
         log.info("worker %s ready with model %s", self.worker_id, self.model_name)
+        return True
+
+    def _load_pipeline(self, name: str) -> None:
+        from .engine.pipeline import PuLIDFluxPipeline
+
+        log.info("loading model %s", name)
+        self.pipe = PuLIDFluxPipeline.from_preset(
+            name, device=self.settings.device, weights_dir=self.settings.weights_dir,
+            offload=self.settings.offload, fp8=self.settings.fp8, compile=self.settings.compile,
+            id_cache_size=self.settings.id_cache_size, batch_cfg=self.settings.batch_cfg,
+        )
+        if self.settings.worker_warmup:
+            self._warm_up()
+
+    def _fail_waiting_requests(self) -> None:
+        """A worker whose model cannot load completes waiting requests with the reason, unless
+        another live worker may still serve them."""
+        from .config import ENDPOINT_ID
+
+        try:
+            others = [w for w in self.queue.workers(self.settings.alive_window_s)
+                      if w.worker_id != self.worker_id and w.state != "failed"]
+            while not others and not self.stop.is_set():
+                job = self.queue.claim(self.worker_id, ENDPOINT_ID)
+                if job is None:
+                    return
+                msg = _clip(f"model unavailable: {self.load_error}")
+                self.queue.add_log(job.id, msg, "ERROR")
+                self.queue.complete(job.id, worker_id=self.worker_id, status_code=503,
+                                    result={"detail": msg, "error_type": "model_unavailable"},
+                                    error=msg, error_type="model_unavailable")
+        except Exception:  # noqa: BLE001 - e.g. a full disk: the next round tries again
+            log.exception("could not complete the waiting requests")
 
     def _warm_up(self) -> None:
         from .api.schemas import IMAGE_SIZE_PRESETS, FluxPulidInput
@@ -221,33 +297,82 @@ class Worker:
 
     def serve_forever(self, max_jobs: int = 0) -> None:
         from .config import ENDPOINT_ID
+        from .errors import ServiceFault
 
         last_sweep = 0.0
         try:
             while not self.stop.is_set():
-                job = self._try_queue(self.queue.claim, self.worker_id, ENDPOINT_ID)
-                if job is None:
-                    # Sweeping here too lets deployments without `serve` recover from lost workers.
-                    if time.monotonic() - last_sweep > self.settings.stale_sweep_interval_s:
-                        last_sweep = time.monotonic()
-                        self._try_queue(self.queue.requeue_stale, self.settings.lease_timeout_s,
-                                        self.settings.max_attempts)
-                    self.stop.wait(self.settings.worker_poll_interval_s)
+                try:
+                    if self._fault_delay:
+                        # After a fault, claim only once both take writes again: no request
+                        # is generated in vain while the disk is still full.
+                        self.storage.probe()
+                        self.queue.probe()
+                    job = self.queue.claim(self.worker_id, ENDPOINT_ID)
+                    if job is None:
+                        # Sweeping here too lets deployments without `serve` recover from lost
+                        # workers.
+                        if time.monotonic() - last_sweep > self.settings.stale_sweep_interval_s:
+                            last_sweep = time.monotonic()
+                            self.queue.requeue_stale(self.settings.lease_timeout_s,
+                                                     self.settings.max_attempts)
+                        self.stop.wait(self.settings.worker_poll_interval_s)
+                        continue
+                except ServiceFault as exc:
+                    log.error("%s; retrying in %.0f s", exc, self._next_fault_delay())
+                    self._pause_after_fault()
                     continue
-                self.process(job)
+                if not self.process(job):
+                    self._pause_after_fault()
+                    continue
+                self._fault_delay = 0.0
                 self.jobs_done += 1
                 if max_jobs and self.jobs_done >= max_jobs:
                     break
         finally:
-            self.stop.set()
-            self._hb_stop.set()
-            self._try_queue(self.queue.remove_worker, self.worker_id)
+            self.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self._hb_stop.set()
+        try:
+            self.queue.remove_worker(self.worker_id)
+        except Exception:  # noqa: BLE001 - its heartbeat stops: it drops out of the registry
+            log.exception("could not unregister")
 
     # --- one request ------------------------------------------------------------------------
-    def process(self, job) -> None:
-        from .engine.types import NoFaceError
-        from .fetch import ReferenceImageError
-        from .queue.base import CANCELLED_MESSAGE, CANCELLED_RESULT, CANCELLED_STATUS, CANCELLED_TYPE
+    def process(self, job) -> bool:
+        """Runs one request to its end; False when a fault of ours (a full disk, an unwritable
+        queue) got in the way: then the request was handed back, not failed."""
+        from .errors import ServiceFault
+
+        try:
+            self._process(job)
+            return True
+        except ServiceFault as exc:
+            log.error("request %s handed back: %s", job.id, exc)
+            self._free_accelerator_memory()
+            self._hand_back(job)
+            return False
+        finally:
+            self._register("ready")
+
+    def _hand_back(self, job) -> None:
+        """Releases the request (the attempt does not count), retrying with backoff until the
+        queue takes it; the lease keeps it ours meanwhile."""
+        delay = min(1.0, self.settings.fault_retry_max_s)
+        while True:
+            try:
+                self.queue.release(job.id, self.worker_id)
+                return
+            except Exception:  # noqa: BLE001
+                log.exception("could not hand %s back yet; retrying in %.0f s", job.id, delay)
+            if self.stop.wait(delay):
+                return  # the worker is stopping: its lease runs out and the reaper re-queues it
+            delay = min(delay * 2, self.settings.fault_retry_max_s)
+
+    def _process(self, job) -> None:
+        from .errors import InputError, ServiceFault
 
         q = self.queue
 
@@ -274,13 +399,12 @@ class Worker:
                    error=CANCELLED_MESSAGE, error_type=CANCELLED_TYPE)
         except ShuttingDown:
             self._settle(q.release, job.id, self.worker_id)
-        except (NoFaceError, ReferenceImageError) as exc:
-            msg = getattr(exc, "msg", None) or str(exc) or "No face was detected in the reference image"
-            type_ = getattr(exc, "type", None) or "no_face_detected"
-            finish(f"invalid reference image: {msg}", "ERROR", status_code=422,
-                   result={"detail": [{"loc": ["body", "reference_image_url"], "msg": msg,
-                                       "type": type_}]},
-                   error=msg, error_type="validation_error")
+        except InputError as exc:
+            finish(f"invalid input: {exc.msg}", "ERROR", status_code=422,
+                   result={"detail": [exc.detail()]}, error=exc.msg,
+                   error_type="validation_error")
+        except ServiceFault:
+            raise  # ours, not the request's: process() hands it back
         except Exception as exc:  # noqa: BLE001 - any model failure becomes the request's error
             log.error("request %s failed:\n%s", job.id, traceback.format_exc())
             self._free_accelerator_memory()
@@ -299,8 +423,6 @@ class Worker:
                                 "WARN")
                 for fid in files:
                     self.storage.delete(fid)
-        finally:
-            self._register("ready")
 
     @staticmethod
     def _free_accelerator_memory() -> None:
@@ -313,18 +435,23 @@ class Worker:
             pass
 
     def _generate(self, job):
+        from .errors import InputError
         from .engine.types import GenerationRequest
         from .fetch import ReferenceImageError, decode_image
-        from .storage.base import KIND_OUTPUT, file_ref
 
         inp = job.input
         internal = inp["_internal"]
         references = []
-        for fid in internal["reference_files"]:
+        for i, fid in enumerate(internal["reference_files"]):
+            loc = ("body", "reference_image_url") if i == 0 else ("body", "reference_image_urls", i - 1)
             data = self.storage.read(fid)
-            if data is None:
-                raise ReferenceImageError("the reference image is no longer stored", "fetch_failed")
-            references.append(decode_image(data, self.policy))
+            try:
+                if data is None:
+                    raise ReferenceImageError("the reference image is no longer stored", "fetch_failed")
+                references.append(decode_image(data, self.policy))
+            except InputError as exc:
+                exc.loc = loc
+                raise
 
         request = GenerationRequest(
             prompt=inp["prompt"], reference_images=references,
@@ -358,11 +485,27 @@ class Worker:
         result = self.pipe(request, on_step=on_step, **extra)
         inference = time.perf_counter() - started
         for name, value in result.metrics.items():
-            self.queue.add_log(job.id, f"{name}: {value:.3f}")
+            self._try_queue(self.queue.add_log, job.id, f"{name}: {value:.3f}")
 
         fmt = inp.get("output_format", "jpeg")
-        images, files = [], []
-        for i, image in enumerate(result.images):
+        files: list[str] = []
+        try:
+            images = self._store_images(job, result.images, fmt, files)
+        except BaseException:
+            for fid in files:  # a later image could not be stored: the earlier ones go too
+                self.storage.delete(fid)
+            raise
+        nsfw = list(result.has_nsfw_concepts) or [False] * len(images)
+        output = {"images": images, "timings": {"inference": inference}, "seed": int(result.seed),
+                  "has_nsfw_concepts": [bool(x) for x in nsfw], "prompt": inp["prompt"]}
+        return output, files, inference
+
+    def _store_images(self, job, result_images, fmt: str, files: list) -> list[dict]:
+        from .storage.base import KIND_OUTPUT, file_ref
+
+        inp = job.input
+        images = []
+        for i, image in enumerate(result_images):
             buf = io.BytesIO()
             save_kwargs = {"quality": self.settings.jpeg_quality} if fmt in ("jpeg", "webp") else {}
             image.convert("RGB").save(buf, PIL_FORMATS[fmt], **save_kwargs)
@@ -378,10 +521,7 @@ class Worker:
             images.append({"url": url, "width": image.width, "height": image.height,
                            "content_type": CONTENT_TYPES[fmt], "file_name": name,
                            "file_size": len(data)})
-        nsfw = list(result.has_nsfw_concepts) or [False] * len(images)
-        output = {"images": images, "timings": {"inference": inference}, "seed": int(result.seed),
-                  "has_nsfw_concepts": [bool(x) for x in nsfw], "prompt": inp["prompt"]}
-        return output, files, inference
+        return images
 
     def _preview_callback(self, request_id: str, inp: dict, internal: dict):
         from .engine.preview import PREVIEW_LOG_PREFIX, preview_data_uri
@@ -420,11 +560,8 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    try:
-        worker.load(args.model)
-    except Exception:
-        log.exception("could not load the model")
-        queue.remove_worker(worker.worker_id)
+    if not worker.load(args.model):  # stopped while the model could not load
+        worker.close()
         return 2
     worker.serve_forever(args.max_jobs)
     return 0

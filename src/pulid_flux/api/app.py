@@ -76,6 +76,7 @@ def build_services(settings: Settings, queue: Optional[Queue] = None,
     policy = FetchPolicy(
         max_bytes=settings.max_reference_bytes, timeout_s=settings.fetch_timeout_s,
         max_redirects=settings.fetch_max_redirects, max_pixels=settings.max_reference_pixels,
+        min_side=settings.min_reference_side,
         allowed_networks=list(settings.fetch_allowed_private_cidrs),
     )
     signer = None
@@ -95,6 +96,25 @@ def build_services(settings: Settings, queue: Optional[Queue] = None,
                     auth=Auth(settings.api_keys, load_or_create_secret(settings.secret_path)),
                     fetch_policy=policy, webhook_signer=signer, default_base_url=default_base.rstrip("/"),
                     own_hosts=own_hosts)
+
+
+def probe_faults(svc: Services) -> list[dict]:
+    """What cannot take writes right now (storage, queue) and a supervisor in trouble, as
+    /health's ``faults``; every probe is a real write, so a full disk shows at once and a
+    freed one clears at once."""
+    faults = []
+    for component, target in (("storage", svc.storage), ("queue", svc.queue)):
+        try:
+            target.probe(svc.settings.min_free_disk_bytes)
+        except ServiceFault as exc:
+            faults.append({"component": exc.component, "reason": exc.reason})
+        except Exception as exc:  # noqa: BLE001 - an unexpected probe failure is a fault too
+            faults.append({"component": component, "reason": f"{type(exc).__name__}: {exc}"})
+    if svc.supervisor is not None:
+        reason = svc.supervisor.fault()
+        if reason:
+            faults.append({"component": "supervisor", "reason": reason})
+    return faults
 
 
 # --- background loops ----------------------------------------------------------------------
@@ -225,6 +245,15 @@ def create_app(settings: Optional[Settings] = None, *, services: Optional[Servic
     async def validation_error(request: Request, exc: RequestValidationError):
         return JSONResponse({"detail": _clean_errors(exc.errors())}, status_code=422)
 
+    @app.exception_handler(ServiceFault)
+    async def service_fault(request: Request, exc: ServiceFault):
+        # Ours, not the client's: a 507/503 that names what failed; clients may retry later.
+        log.error("%s on %s %s", exc, request.method, request.url.path)
+        headers = {"x-fal-error-type": exc.error_type}
+        if exc.retry_after_s is not None:
+            headers["Retry-After"] = str(exc.retry_after_s)
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
@@ -254,33 +283,49 @@ def create_app(settings: Optional[Settings] = None, *, services: Optional[Servic
         def read_queue():
             return svc.queue.workers(svc.settings.alive_window_s), svc.queue.stats()
 
-        faults: list[dict] = []
+        # Both bounded: an unreachable or locked queue must not hang the health check. A write
+        # probe that is merely slow (a busy database) proves nothing either way: no fault then.
+        probing = asyncio.ensure_future(asyncio.to_thread(probe_faults, svc))
         try:
-            # Bounded: an unreachable or locked queue must not hang the health check.
             workers, stats = await asyncio.wait_for(asyncio.to_thread(read_queue),
                                                     svc.settings.health_timeout_s)
+            queue_fault = None
         except (ServiceFault, asyncio.TimeoutError) as exc:
-            reason = exc.reason if isinstance(exc, ServiceFault) else \
+            queue_fault = exc.reason if isinstance(exc, ServiceFault) else \
                 f"no answer within {svc.settings.health_timeout_s:g} s"
-            faults.append({"component": "queue", "reason": reason})
             workers, stats = [], {}
+        try:
+            faults = await asyncio.wait_for(asyncio.shield(probing), svc.settings.health_timeout_s)
+        except asyncio.TimeoutError:
+            faults = []
+        if queue_fault and not any(f["component"] == "queue" for f in faults):
+            faults.append({"component": "queue", "reason": queue_fault})
         ready = [w for w in workers if w.state in ("ready", "busy")]
         model = ready[0] if ready else None
         label = None
         if model is not None:
             label = model.model + (" (random weights)" if model.random_weights else "")
-        return {
+        # Why no worker is ready, while a model does not load (the reason names the fix).
+        model_error = None if ready else next((w.error for w in workers if w.error), None)
+        model_fault = svc.model_fault(workers)
+        if model_fault is not None:
+            faults.append({"component": "model", "reason": model_fault.reason})
+        body = {
             "status": "degraded" if faults else "ok", "faults": faults,
             "endpoint": ENDPOINT_ID, "version": __version__,
             "model": label, "model_name": model.model if model else settings.model,
             "random_weights": bool(model.random_weights) if model else None,
-            "ready": bool(ready),
+            "ready": bool(ready), "model_error": model_error,
             "workers": [{"id": w.worker_id, "state": w.state, "model": w.model,
-                         "random_weights": w.random_weights, "device": w.device} for w in workers],
+                         "random_weights": w.random_weights, "device": w.device,
+                         "error": w.error or None} for w in workers],
             "workers_alive": len(workers),
             "queue": {"in_queue": int(stats.get("state_IN_QUEUE", 0)),
                       "in_progress": int(stats.get("state_IN_PROGRESS", 0))},
         }
+        if svc.supervisor is not None:
+            body["supervisor"] = svc.supervisor.health()
+        return body
 
     @app.get("/metrics", tags=["service"], summary="Prometheus metrics",
              dependencies=[Depends(require_auth)])

@@ -48,7 +48,29 @@ class QueueCollector:
         yield gauge
 
 
+class SupervisorCollector:
+    """The local worker supervisor of this server process (``serve``), when it runs one."""
+
+    def __init__(self, supervisor):
+        self.supervisor = supervisor
+
+    def collect(self):
+        health = self.supervisor.health()
+        yield GaugeMetricFamily("pulid_flux_supervisor_up", "1 while the worker supervisor runs",
+                                value=int(health["alive"]))
+        yield GaugeMetricFamily("pulid_flux_local_workers_running",
+                                "Worker processes the supervisor has running",
+                                value=health["workers_running"])
+        yield CounterMetricFamily("pulid_flux_worker_restarts", "Local worker processes restarted",
+                                  value=health["restarts"])
+        yield CounterMetricFamily("pulid_flux_supervisor_errors",
+                                  "Exceptions the worker supervisor survived",
+                                  value=health["errors"])
+
+
 def render(svc: Services) -> tuple[bytes, str]:
     registry = CollectorRegistry()
     registry.register(QueueCollector(svc))
+    if svc.supervisor is not None:
+        registry.register(SupervisorCollector(svc.supervisor))
     return generate_latest(registry), "text/plain; version=0.0.4; charset=utf-8"

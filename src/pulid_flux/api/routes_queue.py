@@ -91,6 +91,9 @@ async def accept(request: Request, body: FluxPulidInput, *, priority: int = 0,
     """Validates, fetches references, stores them and enqueues; returns the job or a 422."""
     svc = services(request)
     owner = request.state.owner  # set by require_auth
+    fault = await asyncio.to_thread(svc.model_fault)
+    if fault is not None:
+        raise fault
     errors = check_limits(body, svc.settings)
     try:
         ttl_s = retention_from_header(request.headers.get(LIFECYCLE_PREFERENCE_HEADER),
@@ -130,13 +133,17 @@ async def accept(request: Request, body: FluxPulidInput, *, priority: int = 0,
     if errors:
         return unprocessable(errors)
 
-    files = []
-    for i, data in enumerate(results):
-        meta = await asyncio.to_thread(
-            svc.storage.put, data, content_type="application/octet-stream",
-            file_name=f"reference-{i}", kind=KIND_INPUT, owner=owner,
-        )
-        files.append(meta.id)
+    files: list[str] = []
+    try:
+        for i, data in enumerate(results):
+            meta = await asyncio.to_thread(
+                svc.storage.put, data, content_type="application/octet-stream",
+                file_name=f"reference-{i}", kind=KIND_INPUT, owner=owner,
+            )
+            files.append(meta.id)
+    except ServiceFault:
+        await asyncio.to_thread(_discard, svc, files)
+        raise
 
     stored = body.model_dump(mode="json")
     stored["reference_image_url"] = _summarise_url(body.reference_image_url)
@@ -175,18 +182,24 @@ async def accept(request: Request, body: FluxPulidInput, *, priority: int = 0,
     except QueueFullError as exc:
         refusal = fal_json({"detail": str(exc), "error_type": "queue_full"}, 429, error_type="queue_full")
     except ServiceFault:  # the queue is unavailable: a 503 naming it, and no orphan files
-        for fid in files:
-            svc.storage.delete(fid)
+        await asyncio.to_thread(_discard, svc, files)
         raise
     if refusal is not None:
-        for fid in files:
-            svc.storage.delete(fid)
+        await asyncio.to_thread(_discard, svc, files)
         return refusal
-    await asyncio.to_thread(
-        svc.queue.add_log, job.id,
-        f"queued: {width}x{height}, {body.num_inference_steps} steps, {len(files)} reference(s)",
-    )
+    try:
+        await asyncio.to_thread(
+            svc.queue.add_log, job.id,
+            f"queued: {width}x{height}, {body.num_inference_steps} steps, {len(files)} reference(s)",
+        )
+    except ServiceFault:
+        pass  # the request is accepted: a log line it lacks must not turn that into an error
     return job
+
+
+def _discard(svc: Services, files: list[str]) -> None:
+    for fid in files:
+        svc.storage.delete(fid)
 
 
 def _owned_job(request: Request, request_id: str) -> Job | JSONResponse:

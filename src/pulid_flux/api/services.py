@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 from fastapi import Request
 
 from ..config import ENDPOINT_ID, Settings
+from ..errors import ServiceFault
 from ..queue.base import COMPLETED, IN_QUEUE, Job, Queue
 from ..storage.base import FILE_ID_RE, FILE_REF_PREFIX, Storage, expand_file_refs
 from .auth import Auth
@@ -34,6 +35,7 @@ class Services:
     own_hosts: set[str] = field(default_factory=set)
     owner_limits: Any = field(init=False)  # per-key fairness state (api/fairness.py)
     status_hub: Any = field(init=False)  # the shared reader of status streams (api/status_hub.py)
+    supervisor: Any = None  # serve's WorkerSupervisor, when it runs local workers
 
     def __post_init__(self) -> None:
         from .fairness import OwnerLimits
@@ -41,6 +43,15 @@ class Services:
 
         self.owner_limits = OwnerLimits(self.settings, enabled=self.auth.enabled)
         self.status_hub = StatusHub(self)
+
+    def model_fault(self, workers: Optional[list] = None) -> Optional[ServiceFault]:
+        """The model is unavailable when every live worker reports ``failed`` (its model does not
+        load): then submits get 503 with the reason instead of waiting forever."""
+        if workers is None:
+            workers = self.queue.workers(self.settings.alive_window_s)
+        if workers and all(w.state == "failed" for w in workers):
+            return ServiceFault("model", workers[0].error or "the model could not be loaded")
+        return None
 
     def base_url(self, request: Optional[Request]) -> str:
         if self.settings.public_url:

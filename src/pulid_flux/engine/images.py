@@ -6,10 +6,13 @@ import cv2
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
 
+from ..errors import InputError
+
 # Below this many pixels on the short side no detector can find a usable face
 # (MTCNN's smallest face is 20 px, and the face only fills part of a photo).
 MIN_IMAGE_SIDE = 64
 MAX_IMAGE_SIDE = 1024  # official resize_numpy_image_long(img, 1024)
+REFERENCE_LOC = ("body", "reference_image_url")
 
 _WHITE = (255, 255, 255)
 
@@ -63,7 +66,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     try:
         return img.convert("RGB")  # 1, L, CMYK, YCbCr, HSV, RGBX, ...
     except (ValueError, OSError) as exc:
-        raise ValueError(f"Unsupported image mode {mode!r}; please upload a JPEG or PNG photo.") from exc
+        raise InputError(f"Unsupported image mode {mode!r}; please upload a JPEG or PNG photo.",
+                         loc=REFERENCE_LOC, type_="image_load_error") from exc
 
 
 def normalize_image(img: Image.Image, max_side: int = MAX_IMAGE_SIDE) -> Image.Image:
@@ -72,9 +76,10 @@ def normalize_image(img: Image.Image, max_side: int = MAX_IMAGE_SIDE) -> Image.I
     img = to_rgb(img)
     w, h = img.size
     if min(w, h) < MIN_IMAGE_SIDE:
-        raise ValueError(
+        raise InputError(
             f"The reference image is too small ({w}x{h} pixels) to hold a recognisable face; "
-            f"please upload an image at least {MIN_IMAGE_SIDE} pixels on each side."
+            f"please upload an image at least {MIN_IMAGE_SIDE} pixels on each side.",
+            loc=REFERENCE_LOC, type_="image_too_small",
         )
     long_side = max(w, h)
     if long_side > max_side:

@@ -7,9 +7,14 @@ from typing import Optional
 
 from PIL import Image
 
+from ..errors import InputError
 
-class NoFaceError(ValueError):
+
+class NoFaceError(InputError):
     """The reference image has no usable face. The message is meant for the end user."""
+
+    def __init__(self, msg: str, *, loc=("body", "reference_image_url"), type_="no_face_detected"):
+        super().__init__(msg, loc=loc, type_=type_)
 
 
 @dataclass

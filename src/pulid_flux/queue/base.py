@@ -80,7 +80,8 @@ class WorkerInfo:
     model: str = ""
     random_weights: bool = False
     device: str = ""
-    state: str = "starting"
+    state: str = "starting"  # loading | ready | busy | failed (its model cannot load)
+    error: str = ""  # why the model does not load (state loading after a failure, or failed)
     started_at: float = 0.0
     heartbeat_at: float = 0.0
 
@@ -199,6 +200,9 @@ class Queue(abc.ABC):
 
     @abc.abstractmethod
     def workers(self, alive_within_s: Optional[float] = None) -> list[WorkerInfo]: ...
+
+    def probe(self, min_free_bytes: int = 0) -> None:
+        """Raises ServiceFault when the queue cannot take writes now (/health asks this)."""
 
     def close(self) -> None:
         pass

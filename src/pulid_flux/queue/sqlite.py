@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import threading
 import time
 import uuid
 from pathlib import Path
 
+from ..errors import ServiceFault, raises_service_faults
 from .base import (
     CANCELLED_MESSAGE,
     CANCELLED_RESULT,
@@ -79,6 +81,7 @@ CREATE TABLE IF NOT EXISTS workers (
     random_weights INTEGER NOT NULL DEFAULT 0,
     device TEXT NOT NULL DEFAULT '',
     state TEXT NOT NULL DEFAULT 'starting',
+    error TEXT NOT NULL DEFAULT '',
     started_at REAL NOT NULL,
     heartbeat_at REAL NOT NULL
 );
@@ -89,7 +92,10 @@ CREATE TABLE IF NOT EXISTS stats (
 """
 
 # Columns added after the first release, for ALTER TABLE on older databases.
-ADDED_COLUMNS = {"max_attempts": "INTEGER", "ttl_s": "REAL"}
+ADDED_COLUMNS = {
+    "requests": {"max_attempts": "INTEGER", "ttl_s": "REAL"},
+    "workers": {"error": "TEXT NOT NULL DEFAULT ''"},
+}
 
 _COLUMNS = (
     "id, endpoint, state, input, owner, priority, created_at, started_at, completed_at, "
@@ -127,6 +133,7 @@ def _row_to_job(row: sqlite3.Row) -> Job:
     )
 
 
+@raises_service_faults("queue")
 class SQLiteQueue(Queue):
     def __init__(self, path: str | os.PathLike, *, busy_timeout_s: float = 30.0):
         self.path = Path(path)
@@ -140,10 +147,11 @@ class SQLiteQueue(Queue):
     def _add_missing_columns(self) -> None:
         """A data dir made by an older version gets the columns added since (all nullable)."""
         db = self._db()
-        have = {r["name"] for r in db.execute("PRAGMA table_info(requests)")}
-        for name, sql_type in ADDED_COLUMNS.items():
-            if name not in have:
-                db.execute(f"ALTER TABLE requests ADD COLUMN {name} {sql_type}")
+        for table, columns in ADDED_COLUMNS.items():
+            have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
+            for name, sql_type in columns.items():
+                if name not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}")
 
     # One connection per thread: sqlite3 connections are not shared across threads.
     def _db(self) -> sqlite3.Connection:
@@ -165,11 +173,36 @@ class SQLiteQueue(Queue):
             return self.db
 
         def __exit__(self, exc_type, exc, tb):
-            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+            if exc_type is None:
+                try:
+                    self.db.execute("COMMIT")
+                    return False
+                except sqlite3.Error:
+                    self._rollback()
+                    raise
+            self._rollback()
             return False
+
+        def _rollback(self) -> None:
+            # A full disk can fail COMMIT, or roll the transaction back on its own: the
+            # connection must leave it either way, or every later BEGIN fails too.
+            if self.db.in_transaction:
+                try:
+                    self.db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
 
     def _tx(self) -> "SQLiteQueue._Tx":
         return self._Tx(self._db())
+
+    def probe(self, min_free_bytes: int = 0) -> None:
+        with self._tx() as db:  # a real write: a full disk shows only then
+            db.execute("INSERT INTO stats (key, value) VALUES ('probed_at', ?) "
+                       "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (time.time(),))
+        free = shutil.disk_usage(self.path.parent).free
+        if free < min_free_bytes:
+            raise ServiceFault("queue", f"only {free} bytes free in {self.path.parent}",
+                               status_code=507)
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
@@ -494,13 +527,13 @@ class SQLiteQueue(Queue):
         now = time.time()
         with self._tx() as db:
             db.execute(
-                "INSERT INTO workers (worker_id, pid, model, random_weights, device, state, "
-                "started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "INSERT INTO workers (worker_id, pid, model, random_weights, device, state, error, "
+                "started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(worker_id) DO UPDATE SET pid=excluded.pid, model=excluded.model, "
                 "random_weights=excluded.random_weights, device=excluded.device, "
-                "state=excluded.state, heartbeat_at=excluded.heartbeat_at",
+                "state=excluded.state, error=excluded.error, heartbeat_at=excluded.heartbeat_at",
                 (info.worker_id, info.pid, info.model, int(info.random_weights), info.device,
-                 info.state, info.started_at or now, now),
+                 info.state, info.error, info.started_at or now, now),
             )
 
     def remove_worker(self, worker_id):
@@ -517,7 +550,7 @@ class SQLiteQueue(Queue):
             out.append(WorkerInfo(
                 worker_id=r["worker_id"], pid=r["pid"], model=r["model"],
                 random_weights=bool(r["random_weights"]), device=r["device"], state=r["state"],
-                started_at=r["started_at"], heartbeat_at=r["heartbeat_at"],
+                error=r["error"], started_at=r["started_at"], heartbeat_at=r["heartbeat_at"],
             ))
         return out
 

@@ -212,7 +212,11 @@ class Storage(abc.ABC):
         self._check_size(len(data))
         meta = self.reserve(content_type=content_type, file_name=file_name, kind=kind, owner=owner,
                             expires_at=expires_at)
-        return self.write(meta.id, data)
+        try:
+            return self.write(meta.id, data)
+        except BaseException:
+            self.delete(meta.id)  # e.g. a full disk: no reserved entry is left behind
+            raise
 
     def write(self, file_id: str, data: bytes) -> StoredFile:
         """The whole file at once (small files; uploads go through :meth:`open_write`)."""
@@ -276,3 +280,6 @@ class Storage(abc.ABC):
     def expire(self, kind: str, created_before: float, now: Optional[float] = None) -> int:
         """Deletes the files of ``kind`` created before ``created_before``, and those whose own
         ``expires_at`` passed by ``now`` (default: the current time); returns how many."""
+
+    def probe(self, min_free_bytes: int = 0) -> None:
+        """Raises ServiceFault when the store cannot take writes now (/health asks this)."""

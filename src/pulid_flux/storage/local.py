@@ -7,11 +7,13 @@ import json
 import os
 import secrets
 import shutil
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+from ..errors import ServiceFault, raises_service_faults
 from .base import (
     FILE_ID_RE,
     KIND_UPLOAD,
@@ -38,6 +40,7 @@ def _link_new(tmp: Path, target: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+@raises_service_faults("storage")
 class _LocalWriter(FileWriter):
     def __init__(self, target: Path, limit, finish):
         super().__init__(limit)
@@ -57,6 +60,7 @@ class _LocalWriter(FileWriter):
         self.tmp.unlink(missing_ok=True)
 
 
+@raises_service_faults("storage")
 class LocalStorage(Storage):
     def __init__(self, root: str | os.PathLike, *, max_file_bytes: Optional[int] = None,
                  max_parts: int = 10000):
@@ -82,7 +86,11 @@ class LocalStorage(Storage):
         meta = StoredFile.new(content_type=content_type, file_name=file_name, kind=kind, owner=owner,
                               expires_at=expires_at)
         self._dir(meta.id).mkdir(parents=True)
-        self._write_meta(meta)
+        try:
+            self._write_meta(meta)
+        except BaseException:
+            self.delete(meta.id)  # a full disk must not leave half-made entries behind
+            raise
         return meta
 
     def open_write(self, file_id) -> FileWriter:
@@ -170,6 +178,15 @@ class LocalStorage(Storage):
             return None
         path = self._dir(file_id) / "data"
         return str(path) if path.exists() else None
+
+    def probe(self, min_free_bytes: int = 0) -> None:
+        # A real write, as the disk-full and read-only cases only show on writing.
+        probe = self.root / f".probe-{os.getpid()}-{threading.get_ident()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        free = shutil.disk_usage(self.root).free
+        if free < min_free_bytes:
+            raise ServiceFault("storage", f"only {free} bytes free in {self.root}", status_code=507)
 
     def delete(self, file_id) -> None:
         try:

@@ -752,17 +752,34 @@ function setupTabs() {
 
 // --- server state, API key ---------------------------------------------------------------
 
+// First and last line of a long reason (the loader's lists the missing files, then the command).
+function shortReason(reason) {
+  const lines = String(reason || "").split("\n").map((l) => l.trim()).filter(Boolean);
+  return lines.length > 2 ? `${lines[0]} … ${lines[lines.length - 1]}` : lines.join(" ");
+}
+
 async function checkHealth() {
   const box = $("server");
   try {
     const response = await fetch("/health", { cache: "no-store" });
     const health = await response.json();
     const model = health.model || health.model_name || "unknown model";
-    box.dataset.state = health.ready ? "ready" : "waiting";
-    $("server-text").textContent = health.ready ?
-      `Ready · ${model} · ${health.queue.in_queue} queued` :
-      "Server up, no worker ready yet (loading the model?)";
-    if (health.random_weights) box.title = "Random weights: images are noise, for testing only";
+    const faults = health.faults || [];
+    box.dataset.state = faults.length ? "degraded" : health.ready ? "ready" : "waiting";
+    box.title = health.random_weights ? "Random weights: images are noise, for testing only" : "";
+    if (faults.length) {
+      // e.g. a full disk, or a model that cannot load: the reason, and its fix when it names one
+      $("server-text").textContent = "Degraded · " +
+        faults.map((f) => `${f.component}: ${shortReason(f.reason)}`).join(" · ");
+      box.title = faults.map((f) => `${f.component}: ${f.reason}`).join("\n\n");
+    } else if (health.ready) {
+      $("server-text").textContent = `Ready · ${model} · ${health.queue.in_queue} queued`;
+    } else if (health.model_error) {
+      $("server-text").textContent = `Model not loaded yet (retrying): ${shortReason(health.model_error)}`;
+      box.title = health.model_error;
+    } else {
+      $("server-text").textContent = "Server up, no worker ready yet (loading the model?)";
+    }
   } catch {
     box.dataset.state = "down";
     $("server-text").textContent = `Server unreachable at ${BASE}`;

@@ -201,6 +201,24 @@ def test_fp8_modes_select_torchao_configs():
     assert type(fast) is Float8DynamicActivationFloat8WeightConfig and "PerRow" in repr(fast.granularity)
 
 
+def test_fp8_flags_reach_the_workers():
+    import argparse
+
+    from pulid_flux.config import Settings
+    from pulid_flux.engine.options import add_engine_arguments
+    from pulid_flux.server import WorkerSupervisor
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    assert [parser.parse_args(a).fp8 for a in ([], ["--fp8"], ["--fp8-fast"])] == [None, "weights", "fast"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--fp8", "--fp8-fast"])
+    assert Settings(fp8="true").fp8 == "weights" and Settings(fp8="false").fp8 is None  # the old boolean
+    for mode, flag in (("weights", "--fp8"), ("fast", "--fp8-fast")):
+        command = WorkerSupervisor(Settings(fp8=mode), 1)._command("w")
+        assert flag in command and {"--fp8", "--fp8-fast"} - {flag} & set(command) == set()
+
+
 def test_weight_only_fp8_runs_on_the_cpu(pipe, face):
     fp8 = PuLIDFluxPipeline.from_preset("tiny", device="cpu", fp8="weights")
     weight = fp8.transformer.transformer_blocks[0].ff.net[2].weight

@@ -72,7 +72,10 @@ class Settings(BaseSettings):
     device: Optional[str] = None
     weights_dir: Optional[str] = None
     offload: bool = False
-    fp8: bool = False
+    fp8: Optional[Literal["weights", "fast"]] = Field(
+        None, description="fp8 transformer: weights (weight-only, the official --fp8) or fast (fp8 "
+        "activations too, CUDA sm89+). Default: off. true/false are read as weights/off.",
+    )
     compile: bool = False
     id_cache_size: int = Field(
         16, ge=0, le=4096,
@@ -228,6 +231,15 @@ class Settings(BaseSettings):
     )
     webhook_max_delay_s: float = Field(1800.0, gt=0, description="Longest wait between tries.")
     webhook_timeout_s: float = Field(15.0, gt=0, description="Time allowed for one attempt.")
+
+    @field_validator("fp8", mode="before")
+    @classmethod
+    def _fp8_mode(cls, value):
+        # the flag used to be a boolean
+        text = str(value).strip().lower() if value is not None else ""
+        if text in ("", "0", "false", "no", "off", "none"):
+            return None
+        return "weights" if text in ("1", "true", "yes", "on") else value
 
     @field_validator("api_keys", "cors_origins", "fetch_allowed_private_cidrs", mode="before")
     @classmethod

@@ -107,7 +107,8 @@ class Worker:
         self.queue.register_worker(WorkerInfo(
             worker_id=self.worker_id, pid=os.getpid(), model=self.model_name,
             random_weights=bool(getattr(self.pipe, "is_random_weights", False)),
-            device=str(getattr(self.pipe, "device", "")), state=state,
+            device=str(getattr(self.pipe, "device", "")),
+            precision=str(getattr(self.pipe, "precision", "")), state=state,
         ))
 
     def _heartbeat_loop(self) -> None:

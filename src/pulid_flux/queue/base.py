@@ -71,6 +71,7 @@ class WorkerInfo:
     model: str = ""
     random_weights: bool = False
     device: str = ""
+    precision: str = ""  # e.g. "bf16", "fp8 weights, bf16 compute"
     state: str = "starting"
     started_at: float = 0.0
     heartbeat_at: float = 0.0

@@ -682,7 +682,8 @@ class RedisQueue(Queue):
         old = self.r.hget(self.k("workers"), info.worker_id)
         started = json.loads(old)["started_at"] if old else (info.started_at or now)
         record = {"pid": info.pid, "model": info.model, "random_weights": bool(info.random_weights),
-                  "device": info.device, "state": info.state, "started_at": started}
+                  "device": info.device, "precision": info.precision, "state": info.state,
+                  "started_at": started}
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(self.k("workers"), info.worker_id, json.dumps(record))
         pipe.zadd(self.k("workers:hb"), {info.worker_id: now})
@@ -710,7 +711,7 @@ class RedisQueue(Queue):
             r = json.loads(raw)
             out.append(WorkerInfo(worker_id=worker_id, pid=int(r["pid"]), model=r["model"],
                                   random_weights=bool(r["random_weights"]), device=r["device"],
-                                  state=r["state"], started_at=float(r["started_at"]),
+                                  precision=r.get("precision", ""), state=r["state"], started_at=float(r["started_at"]),
                                   heartbeat_at=hb))
         out.sort(key=lambda w: w.started_at)
         return out

@@ -73,6 +73,7 @@ CREATE TABLE IF NOT EXISTS workers (
     model TEXT NOT NULL DEFAULT '',
     random_weights INTEGER NOT NULL DEFAULT 0,
     device TEXT NOT NULL DEFAULT '',
+    precision TEXT NOT NULL DEFAULT '',
     state TEXT NOT NULL DEFAULT 'starting',
     started_at REAL NOT NULL,
     heartbeat_at REAL NOT NULL
@@ -85,6 +86,7 @@ CREATE TABLE IF NOT EXISTS stats (
 
 # Columns added after the first release, for ALTER TABLE on older databases.
 ADDED_COLUMNS = {"max_attempts": "INTEGER", "ttl_s": "REAL"}
+ADDED_WORKER_COLUMNS = {"precision": "TEXT NOT NULL DEFAULT ''"}
 
 _COLUMNS = (
     "id, endpoint, state, input, owner, priority, created_at, started_at, completed_at, "
@@ -133,12 +135,13 @@ class SQLiteQueue(Queue):
         self._add_missing_columns()
 
     def _add_missing_columns(self) -> None:
-        """A data dir made by an older version gets the columns added since (all nullable)."""
+        """A data dir made by an older version gets the columns added since (nullable or defaulted)."""
         db = self._db()
-        have = {r["name"] for r in db.execute("PRAGMA table_info(requests)")}
-        for name, sql_type in ADDED_COLUMNS.items():
-            if name not in have:
-                db.execute(f"ALTER TABLE requests ADD COLUMN {name} {sql_type}")
+        for table, columns in (("requests", ADDED_COLUMNS), ("workers", ADDED_WORKER_COLUMNS)):
+            have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
+            for name, sql_type in columns.items():
+                if name not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}")
 
     # One connection per thread: sqlite3 connections are not shared across threads.
     def _db(self) -> sqlite3.Connection:
@@ -470,13 +473,13 @@ class SQLiteQueue(Queue):
         now = time.time()
         with self._tx() as db:
             db.execute(
-                "INSERT INTO workers (worker_id, pid, model, random_weights, device, state, "
-                "started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "INSERT INTO workers (worker_id, pid, model, random_weights, device, precision, state, "
+                "started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(worker_id) DO UPDATE SET pid=excluded.pid, model=excluded.model, "
                 "random_weights=excluded.random_weights, device=excluded.device, "
-                "state=excluded.state, heartbeat_at=excluded.heartbeat_at",
+                "precision=excluded.precision, state=excluded.state, heartbeat_at=excluded.heartbeat_at",
                 (info.worker_id, info.pid, info.model, int(info.random_weights), info.device,
-                 info.state, info.started_at or now, now),
+                 info.precision, info.state, info.started_at or now, now),
             )
 
     def remove_worker(self, worker_id):
@@ -492,7 +495,8 @@ class SQLiteQueue(Queue):
                 continue
             out.append(WorkerInfo(
                 worker_id=r["worker_id"], pid=r["pid"], model=r["model"],
-                random_weights=bool(r["random_weights"]), device=r["device"], state=r["state"],
+                random_weights=bool(r["random_weights"]), device=r["device"],
+                precision=r["precision"], state=r["state"],
                 started_at=r["started_at"], heartbeat_at=r["heartbeat_at"],
             ))
         return out

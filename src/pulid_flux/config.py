@@ -86,6 +86,14 @@ class Settings(BaseSettings):
         "reports ready, so that the first request does not pay for compilation and lazy set-up.",
     )
     local_workers: int = Field(1, ge=0, le=16, description="Workers `serve` starts and supervises.")
+    worker_threads: int = Field(
+        0, ge=0, le=1024, description="CPU threads of a worker's torch ops (OpenMP and MKL); 0: one "
+        "per core. Set before torch loads.",
+    )
+    worker_omp_wait_policy: Literal["passive", "active"] = Field(
+        "passive", description="OpenMP's idle-thread policy in a worker: passive threads sleep between "
+        "ops; active ones spin and take CPU time from the API process and from each other.",
+    )
     worker_restart_backoff_max_s: float = Field(
         30.0, gt=0, description="Longest wait before restarting a worker that keeps crashing."
     )

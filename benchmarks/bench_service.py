@@ -14,9 +14,13 @@ dir, and stops it at the end. Prints Markdown tables with the machine and settin
   3. burst     M requests (1 step, 256x256) submitted as fast as possible to the queue API, each
                polled at 10 Hz (bounded concurrency) until COMPLETED, then its result fetched:
                total time, completed, lost, 5xx (must be 0) and other non-2xx responses.
+  4. upload-rss  the API process's resident memory while it receives one U MiB upload
+               (``POST /cdn/files/upload``, chunked, no Content-Length) and the same bytes as a
+               multipart upload (10 MiB parts, 10 at once, as fal's Python client sends them):
+               RSS before, peak growth (goal: <= 64 MiB), MiB/s. Runs without a worker.
 
     python benchmarks/bench_service.py [--requests 20] [--clients 50] [--seconds 10] [--burst 1000]
-                                       [--only overhead,status,burst]
+                                       [--upload-mib 600] [--only overhead,status,burst,upload-rss]
 
 The client shares the machine with the server and its worker: on a small CPU box the numbers
 include that contention (the load average is printed with each table).
@@ -91,7 +95,8 @@ def body_for(uri: str, steps: int) -> dict:
 class Server:
     """One ``pulid-flux serve --model tiny`` subprocess on a free loopback port."""
 
-    def __init__(self, data_dir: Path, env: dict[str, str]):
+    def __init__(self, data_dir: Path, env: dict[str, str], need_worker: bool = True):
+        self.need_worker = need_worker
         self.data_dir = data_dir
         self.port = free_port()
         self.env = env
@@ -111,7 +116,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=5).json().get("ready"):
+                if httpx.get(f"{self.url}/health", timeout=5).json().get("ready") or not self.need_worker:
                     return
             except (httpx.HTTPError, ValueError):
                 pass
@@ -338,6 +343,78 @@ def bench_burst(server: Server, uri: str, m: int, steps: int, concurrency: int,
     ]
 
 
+# --- 4. API memory while receiving a large upload --------------------------------------------
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class PeakRss:
+    """Samples a process's RSS every 20 ms in a thread; ``peak`` is the highest seen."""
+
+    def __init__(self, pid: int):
+        import threading
+
+        self.pid, self.peak, self._stop = pid, rss_mib(pid), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, rss_mib(self.pid))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def bench_upload_rss(server: Server, mib: int) -> list[str]:
+    import concurrent.futures
+
+    block = os.urandom(1024 * 1024)
+    pid = server.proc.pid
+    rows = []
+
+    def measure(label: str, send) -> None:
+        before = rss_mib(pid)
+        sampler = PeakRss(pid)
+        t0 = time.perf_counter()
+        status = send()
+        seconds = time.perf_counter() - t0
+        peak = sampler.stop()
+        rows.append(f"| {label} | {mib} | {status} | {before:.0f} | {peak - before:.1f} | "
+                    f"{mib / seconds:.0f} |")
+
+    def single() -> int:
+        def chunks():
+            for _ in range(mib):
+                yield block
+        return httpx.post(f"{server.url}/cdn/files/upload", content=chunks(), timeout=600,
+                          headers={"x-fal-file-name": "big.bin"}).status_code
+
+    def multipart() -> int:
+        with httpx.Client(base_url=server.url, timeout=600) as http:
+            init = http.post("/cdn/files/upload/multipart", headers={"x-fal-file-name": "big.bin"}).json()
+            base = f"{httpx.URL(init['access_url']).path}/multipart/{init['uploadId']}"
+            part = block * 10
+            numbers = range(1, (mib + 9) // 10 + 1)
+            with concurrent.futures.ThreadPoolExecutor(10) as pool:
+                etags = list(pool.map(lambda n: http.put(f"{base}/{n}", content=part).json()["etag"], numbers))
+            return http.post(f"{base}/complete", json={"parts": [
+                {"partNumber": n, "etag": e} for n, e in zip(numbers, etags)]}).status_code
+
+    measure("single, chunked", single)
+    measure("multipart, 10 MiB parts x10 at once", multipart)
+    return [f"## API memory while receiving an upload\n\n{machine_line()}; local storage in a "
+            "temp dir; RSS of the `pulid-flux serve` process (API), sampled every 20 ms\n",
+            "| upload | MiB | status | RSS before (MiB) | peak growth (MiB) | MiB/s |",
+            "|---|---:|---:|---:|---:|---:|", *rows]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=20, help="N of the overhead table")
@@ -350,8 +427,9 @@ def main() -> int:
                     help="most HTTP requests the burst client has in flight")
     ap.add_argument("--burst-timeout", type=float, default=None,
                     help="give up after this many seconds (default: max(600, 3 s per request))")
-    ap.add_argument("--only", default="overhead,status,burst",
-                    help="comma-separated subset of overhead,status,burst")
+    ap.add_argument("--upload-mib", type=int, default=600, help="U MiB of the upload-rss table")
+    ap.add_argument("--only", default="overhead,status,burst,upload-rss",
+                    help="comma-separated subset of overhead,status,burst,upload-rss")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (server log)")
     args = ap.parse_args()
     parts = set(args.only.split(","))
@@ -360,7 +438,11 @@ def main() -> int:
     env = {"PULID_FLUX_MAX_QUEUE_LENGTH": str(max_queue),
            "PULID_FLUX_RESULT_TTL_S": "86400", "PULID_FLUX_LOG_LEVEL": "warning"}
     tmp = Path(tempfile.mkdtemp(prefix="bench-service-"))
-    server = Server(tmp / "data", env)
+    engine_parts = parts & {"overhead", "status", "burst"}
+    if not engine_parts:  # the upload table needs no worker
+        env["PULID_FLUX_LOCAL_WORKERS"] = "0"
+    env["PULID_FLUX_MAX_UPLOAD_BYTES"] = str(max(1 << 30, (args.upload_mib + 10) << 20))
+    server = Server(tmp / "data", env, need_worker=bool(engine_parts))
     png = reference_png()
     uri = "data:image/png;base64," + base64.b64encode(png).decode()
     print(f"# Service benchmark\n\n`pulid-flux serve --model tiny` (1 local worker, embedded "
@@ -384,6 +466,8 @@ def main() -> int:
             print("\n".join(bench_burst(server, uri, args.burst, args.burst_steps,
                                         args.burst_concurrency, timeout, max_queue)) + "\n",
                   flush=True)
+        if "upload-rss" in parts:
+            print("\n".join(bench_upload_rss(server, args.upload_mib)) + "\n", flush=True)
     finally:
         server.stop()
         if args.keep:

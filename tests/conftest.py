@@ -22,6 +22,30 @@ from pathlib import Path as _Path
 import pytest as _pytest
 from loopback import free_port
 
+# Where tests write what they make for people to look at (git-ignored).
+ARTIFACTS = _Path(__file__).resolve().parent / "artifacts"
+
+# The slow tier: tests that start `pulid-flux serve` processes (and with them browsers, JS clients,
+# clusters). `scripts/test -m "not e2e"` runs the rest in a fraction of the time, for development.
+E2E_FIXTURES = {"live_server", "make_server", "cluster"}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--screenshots-dir", default=str(ARTIFACTS / "screenshots"),
+                     help="where the playground test saves its screenshots "
+                          "(docs/screenshots refreshes the README's; default: tests/artifacts/screenshots)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(_pytest.mark.e2e)
+
+
+@_pytest.fixture(scope="session")
+def screenshots_dir(pytestconfig) -> _Path:
+    return _Path(pytestconfig.getoption("screenshots_dir")).resolve()
+
 
 def _png_bytes(array) -> bytes:
     from PIL import Image

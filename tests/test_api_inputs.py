@@ -70,6 +70,8 @@ BAD = [
     ({"output_format": "gif"}, "output_format"),
     ({"face_index": -1}, "face_index"),
     ({"face_index": "first"}, "face_index"),
+    ({"acceleration": "max"}, "acceleration"),
+    ({"acceleration": True}, "acceleration"),
 ]
 
 
@@ -108,6 +110,7 @@ def test_defaults_and_presets(api, base):
     assert inp["start_step"] == 0 and inp["true_cfg"] == 1 and inp["id_weight"] == 1
     assert inp["enable_safety_checker"] is True and inp["max_sequence_length"] == "128"
     assert inp["seed"] is None and inp["num_images"] == 1 and inp["output_format"] == "jpeg"
+    assert inp["acceleration"] == "none"
     # A data URI is not copied into the stored input; its bytes went to storage.
     assert len(inp["reference_image_url"]) < 100
     assert len(inp["_internal"]["reference_files"]) == 1

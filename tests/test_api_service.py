@@ -64,7 +64,7 @@ def test_submit_status_result_cycle(api, body):
         assert (doc["logs"] is not None) == has_logs
     assert api.get(f"{EP}/requests/{rid}").status_code == 400  # not done yet
 
-    meta = svc(api).storage.put(b"jpeg", content_type="image/jpeg", file_name="o.jpg",
+    meta = svc(api).storage.put(b"\xff\xd8\xffjpeg", content_type="image/jpeg", file_name="o.jpg",
                                 kind=KIND_OUTPUT)
     out = {"images": [{"url": file_ref(meta), "width": 8, "height": 8, "content_type": "image/jpeg"}],
            "timings": {"inference": 0.25}, "seed": 1, "has_nsfw_concepts": [False], "prompt": "a"}
@@ -80,7 +80,7 @@ def test_submit_status_result_cycle(api, body):
     url = res.json()["images"][0]["url"]
     assert url == f"http://testserver/files/{meta.id}/o.jpg"
     f = api.get(url)
-    assert f.status_code == 200 and f.content == b"jpeg" and f.headers["content-type"] == "image/jpeg"
+    assert f.status_code == 200 and f.content == b"\xff\xd8\xffjpeg" and f.headers["content-type"] == "image/jpeg"
     assert api.put(f"{EP}/requests/{rid}/cancel").json() == {"status": "ALREADY_COMPLETED"}
 
 
@@ -334,7 +334,10 @@ def test_storage_token_and_cdn_upload(api):
     url = r.json()["access_url"]
     assert url.endswith("/a.txt")
     got = api.get(url)
-    assert got.content == b"abc" and got.headers["content-type"].startswith("text/plain")
+    assert got.content == b"abc"
+    # Data, not a page: anything but the images this service handles is a download.
+    assert got.headers["content-type"] == "application/octet-stream"
+    assert got.headers["content-disposition"] == 'attachment; filename="a.txt"'
 
 
 def test_signed_put_and_multipart(api):

@@ -26,7 +26,8 @@ def node_modules():
         npm = shutil.which("npm")
         if npm is None:
             pytest.skip("npm is not installed; cannot install @fal-ai/client")
-        subprocess.run([npm, "install", "--no-audit", "--no-fund"], cwd=JS_DIR, check=True,
+        # `npm ci` installs exactly the lockfile and never rewrites it (a tracked file)
+        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, check=True,
                        capture_output=True, timeout=300)
     return JS_DIR / "node_modules"
 

@@ -1,24 +1,25 @@
 """Weight layout, missing-file errors, the resumable HTTP fetcher and the Hugging Face calls.
 
-Nothing here reaches the internet: HTTP goes to loopback servers started by the tests, and the
-huggingface_hub download functions are replaced by recorders that write placeholder files.
+Nothing here reaches the internet: HTTP goes to loopback servers started by the tests; the
+Hugging Face hub is one of them (`_Hub`), spoken to by the real huggingface_hub.
 """
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import huggingface_hub
 import pytest
 from huggingface_hub import constants as hf_constants
-from huggingface_hub.utils import filter_repo_objects
 
+from pulid_flux.cli import main
 from pulid_flux.engine import download as dl
 from pulid_flux.engine.download import (
     DownloadError,
@@ -38,10 +39,12 @@ class _Server:
     def __init__(self, files: dict[str, bytes]):
         self.files = dict(files)
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
+        self.authorizations: list[tuple[str, str | None]] = []  # (path, Authorization header)
         self.cuts: list[int] = []  # successive responses send only this many body bytes
         self.ignore_range = False
         self.redirects: dict[str, str] = {}
         self.gated = False  # answer everything like the hub does for a gated repo
+        self.cut_prefix = ""  # cuts apply to paths starting with this
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -52,7 +55,9 @@ class _Server:
                 self.do_GET()
 
             def do_GET(self):
-                server.requests.append((self.path, self.headers.get("Range")))
+                path = self.path.split("?")[0]
+                server.requests.append((path, self.headers.get("Range")))
+                server.authorizations.append((path, self.headers.get("Authorization")))
                 if server.gated:
                     body = b'{"error": "Access to model is restricted."}'
                     self.send_response(403)
@@ -63,13 +68,13 @@ class _Server:
                     self.end_headers()
                     self.wfile.write(body)
                     return
-                if self.path in server.redirects:
+                if path in server.redirects:
                     self.send_response(302)
-                    self.send_header("Location", server.redirects[self.path])
+                    self.send_header("Location", server.redirects[path])
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                data = server.files.get(self.path)
+                data = server.files.get(path)
                 if data is None:
                     self.send_error(404)
                     return
@@ -90,7 +95,7 @@ class _Server:
                 body = data[start:]
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                if server.cuts:
+                if server.cuts and path.startswith(server.cut_prefix):
                     body = body[: server.cuts.pop(0)]  # then the connection closes early
                 self.wfile.write(body)
 
@@ -147,56 +152,57 @@ _REPOS = {
 }
 
 
-def _placeholder(path: Path, repo_files: list[str], name: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _placeholder(repo_files: list[str], name: str) -> bytes:
     if name.endswith(".safetensors.index.json"):
         folder = str(Path(name).parent)
         shards = [f for f in repo_files if f.startswith(folder + "/") and fnmatch.fnmatch(f, "*-of-*.safetensors")]
         weight_map = {f"w{i}": Path(s).name for i, s in enumerate(shards)}
-        path.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    else:
-        path.write_bytes(b"placeholder " + name.encode())
+        return json.dumps({"metadata": {}, "weight_map": weight_map}).encode()
+    return b"placeholder " + name.encode()
 
 
-class _HubRecorder:
-    def __init__(self, repos=None, drop: tuple[str, ...] = ()):
-        self.repos = repos or _REPOS
-        self.drop = drop  # files the fake hub "fails" to deliver
-        self.calls: list[tuple[str, str, dict]] = []
+class _Hub(_Server):
+    """A loopback Hugging Face hub: the listing (`model_info`), `auth_check` and `resolve` routes of
+    every repository in HF_SOURCES at its pinned revision, answered to the real huggingface_hub."""
 
-    def hf_hub_download(self, repo_id, filename, **kw):
-        self.calls.append(("file", repo_id, {"filename": filename, **kw}))
-        assert filename in self.repos[repo_id], f"{filename} is not in {repo_id}"
-        target = Path(kw["local_dir"]) / filename
-        _placeholder(target, self.repos[repo_id], filename)
-        return str(target)
+    def __init__(self, repos=None):
+        super().__init__({})
+        self.repos = dict(repos or _REPOS)
+        self.drop: tuple[str, ...] = ()  # files listed but never served (404)
+        self.contents: dict[str, bytes] = {}  # file name -> content instead of a placeholder
 
-    def snapshot_download(self, repo_id, **kw):
-        self.calls.append(("snapshot", repo_id, kw))
-        files = self.repos[repo_id]
-        for name in filter_repo_objects(files, allow_patterns=kw.get("allow_patterns"),
-                                        ignore_patterns=kw.get("ignore_patterns")):
-            if name not in self.drop:
-                _placeholder(Path(kw["local_dir"]) / name, files, name)
-        return str(kw["local_dir"])
+    def publish(self) -> None:
+        self.files.clear()
+        for repo, revision in dl.HF_SOURCES.values():
+            names = self.repos[repo]
+            contents = {n: self.contents.get(n) or _placeholder(names, n) for n in names}
+            siblings = [{"rfilename": n, "size": len(c)} for n, c in contents.items()]
+            listing = {"id": repo, "sha": revision, "siblings": siblings}
+            self.files[f"/api/models/{repo}/revision/{revision}"] = json.dumps(listing).encode()
+            self.files[f"/api/models/{repo}/auth-check"] = b"{}"
+            for name, content in contents.items():
+                if name not in self.drop:
+                    self.files[f"/{repo}/resolve/{revision}/{name}"] = content
 
-    def auth_check(self, api, repo_id, **kw):
-        self.calls.append(("auth", repo_id, kw))
-
-    def of(self, kind: str, repo_id: str) -> list[dict]:
-        return [kw for k, r, kw in self.calls if k == kind and r == repo_id]
+    def of(self, kind: str, repo: str) -> list[str]:
+        """Files fetched ("file"), revisions listed ("listing") or access checks ("auth") of ``repo``."""
+        prefix = {"file": f"/{repo}/resolve/", "listing": f"/api/models/{repo}/revision/",
+                  "auth": f"/api/models/{repo}/auth-check"}[kind]
+        hits = [path[len(prefix):] for path, _ in self.requests if path.startswith(prefix)]
+        return [h.split("/", 1)[1] for h in hits] if kind == "file" else hits
 
 
 @pytest.fixture
 def hub(monkeypatch):
-    recorder = _HubRecorder()
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", recorder.hf_hub_download)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", recorder.snapshot_download)
-    # A plain function, so that it binds to the HfApi instance like the real method.
-    monkeypatch.setattr(
-        huggingface_hub.HfApi, "auth_check", lambda api, repo_id, **kw: recorder.auth_check(api, repo_id, **kw)
-    )
-    return recorder
+    """The fake hub as huggingface_hub's default endpoint; no token from the environment."""
+    monkeypatch.setenv("HF_TOKEN", "")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    with _Hub() as server:
+        server.publish()
+        monkeypatch.setattr(hf_constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            server.url + "/{repo_id}/resolve/{revision}/{filename}")
+        yield server
 
 
 @pytest.fixture
@@ -472,70 +478,106 @@ def test_default_facexlib_sources_are_the_release_urls():
 # --------------------------------------------------------------------------- Hugging Face calls
 
 
-def test_hub_calls_use_the_right_repos_files_and_folders(tmp_path, hub, facexlib_server):
+def test_hub_files_come_from_the_pinned_revisions_into_the_layout(tmp_path, hub, facexlib_server):
     _, urls = facexlib_server
     paths = download_weights(tmp_path, pulid_versions=("v0.9.1", "v0.9.0"), token="hf_test",
                              facexlib_files=urls, progress=False)
+    for component, (repo, revision) in dl.HF_SOURCES.items():
+        assert hub.of("listing", repo) == [revision], component
+        resolved = [path for path, _ in hub.requests if path.startswith(f"/{repo}/resolve/")]
+        assert resolved and all(p.startswith(f"/{repo}/resolve/{revision}/") for p in resolved), component
 
-    pulid = hub.of("file", "guozinan/PuLID")
-    assert [c["filename"] for c in pulid] == ["pulid_flux_v0.9.1.safetensors", "pulid_flux_v0.9.0.safetensors"]
-    assert all(Path(c["local_dir"]) == tmp_path / "pulid" for c in pulid)
-
-    (eva,) = hub.of("file", "QuanSun/EVA-CLIP")
-    assert eva["filename"] == "EVA02_CLIP_L_336_psz14_s6B.pt" and Path(eva["local_dir"]) == tmp_path / "eva"
-
-    (flux,) = hub.of("snapshot", "black-forest-labs/FLUX.1-dev")
-    assert Path(flux["local_dir"]) == tmp_path / "flux-dev"
-    assert set(flux["allow_patterns"]) == {
-        "model_index.json", "scheduler/*", "text_encoder/*", "text_encoder_2/*",
-        "tokenizer/*", "tokenizer_2/*", "transformer/*", "vae/*",
-    }
-    assert {"flux1-dev.safetensors", "ae.safetensors"} <= set(flux["ignore_patterns"])
-    assert hub.of("auth", "black-forest-labs/FLUX.1-dev") == [{"token": "hf_test"}]
+    assert hub.of("file", dl.PULID_REPO) == ["pulid_flux_v0.9.1.safetensors", "pulid_flux_v0.9.0.safetensors"]
+    assert (tmp_path / "pulid" / "pulid_flux_v0.9.0.safetensors").is_file()
+    assert hub.of("file", dl.EVA_REPO) == [dl.EVA_FILENAME] and paths.eva_checkpoint.is_file()
+    flux = set(hub.of("file", dl.FLUX_REPO))
+    assert flux == {f for f in _FLUX_FILES if "/" in f or f == "model_index.json"}  # the diffusers layout only
+    assert hub.of("auth", dl.FLUX_REPO) == [""]
     assert not (tmp_path / "flux-dev" / "flux1-dev.safetensors").exists()
-    assert not (tmp_path / "flux-dev" / "ae.safetensors").exists()
     assert not (tmp_path / "flux-dev" / "README.md").exists()
-
-    (ante,) = hub.of("snapshot", "DIAMONIK7777/antelopev2")
-    assert Path(ante["local_dir"]) == tmp_path / "antelopev2" / "models" / "antelopev2"
-    assert ante["allow_patterns"] == ["*.onnx"]
-
-    (safety,) = hub.of("snapshot", "CompVis/stable-diffusion-safety-checker")
-    assert Path(safety["local_dir"]) == tmp_path / "safety-checker"
-    assert set(safety["allow_patterns"]) == {"config.json", "preprocessor_config.json", "*.safetensors"}
-    assert not (tmp_path / "safety-checker" / "pytorch_model.bin").exists()  # safetensors preferred
-
-    assert all(kw.get("token") == "hf_test" for kind, _, kw in hub.calls)
+    assert set(hub.of("file", dl.ANTELOPEV2_REPO)) == {f for f in _REPOS[dl.ANTELOPEV2_REPO] if f.endswith(".onnx")}
+    assert (tmp_path / "antelopev2" / "models" / "antelopev2" / "glintr100.onnx").is_file()
+    assert hub.of("file", dl.SAFETY_CHECKER_REPO) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert {auth for _, auth in hub.authorizations} == {"Bearer hf_test"}
+    assert not list(tmp_path.rglob("*" + dl.PART_SUFFIX)) and not list(tmp_path.rglob("*.lock"))
     paths.check()
     WeightPaths.from_dir(tmp_path, pulid_version="v0.9.0").check(["pulid"])
 
     # Idempotent: a second run asks nobody for anything.
-    n = len(hub.calls)
+    n = len(hub.requests)
     download_weights(tmp_path, pulid_versions=("v0.9.1", "v0.9.0"), facexlib_files=urls, progress=False)
-    assert len(hub.calls) == n
-    # --force asks again.
+    assert len(hub.requests) == n
+    # --force fetches again.
     download_weights(tmp_path, components=["eva"], force=True, progress=False)
-    assert len(hub.of("file", "QuanSun/EVA-CLIP")) == 2
+    assert hub.of("file", dl.EVA_REPO) == [dl.EVA_FILENAME] * 2
+
+
+def test_every_source_is_pinned():
+    import re
+
+    assert set(dl.HF_SOURCES) == set(dl.COMPONENTS) - {"facexlib"}
+    for repo, revision in dl.HF_SOURCES.values():
+        assert re.fullmatch(r"[0-9a-f]{40}", revision), repo  # a commit, not a branch
+    for url, size in dl.FACEXLIB_FILES.values():
+        assert re.search(r"/releases/download/v\d+\.\d+\.\d+/", url) and size > 0
+
+
+def test_a_pin_can_be_moved_for_one_run(tmp_path, hub):
+    other = "f" * 40
+    with pytest.raises(DownloadError, match=r"\[eva\]"):
+        download_weights(tmp_path, components=["eva"], revisions={"eva": other}, progress=False)
+    assert hub.of("listing", dl.EVA_REPO) == [other]
+    with pytest.raises(ValueError, match="facexlib"):
+        download_weights(tmp_path, revisions={"facexlib": other})
 
 
 def test_safety_checker_falls_back_to_the_bin_file(tmp_path, hub):
-    hub.repos = dict(_REPOS)
     hub.repos[dl.SAFETY_CHECKER_REPO] = ["config.json", "preprocessor_config.json", "pytorch_model.bin"]
+    hub.publish()
     p = download_weights(tmp_path, components=["safety-checker"], progress=False)
-    assert [c["filename"] for c in hub.of("file", dl.SAFETY_CHECKER_REPO)] == ["pytorch_model.bin"]
+    assert "pytorch_model.bin" in hub.of("file", dl.SAFETY_CHECKER_REPO)
     assert p.safety_checker_weights == tmp_path / "safety-checker" / "pytorch_model.bin"
     p.check(["safety-checker"])
 
 
-def test_partial_snapshot_is_an_error(tmp_path, hub):
-    # snapshot_download may hand back an incomplete local_dir when the hub cannot be asked.
+def test_a_file_the_hub_does_not_serve_fails_its_component_only(tmp_path, hub):
     hub.drop = ("vae/diffusion_pytorch_model.safetensors",)
+    hub.publish()
     with pytest.raises(DownloadError) as info:
         download_weights(tmp_path, components=["flux", "eva"], progress=False)
     message = str(info.value)
-    assert str(tmp_path / "flux-dev" / "vae" / "diffusion_pytorch_model.safetensors") in message
-    assert "accept the licence" in message and "--token" in message
+    assert "[flux]" in message and "vae/diffusion_pytorch_model.safetensors" in message and "404" in message
     assert "[eva]" not in message and (tmp_path / "eva" / dl.EVA_FILENAME).is_file()  # others still fetched
+
+
+def test_an_interrupted_hub_file_resumes_in_the_next_run(tmp_path, hub, monkeypatch):
+    monkeypatch.setattr(dl.time, "sleep", lambda s: None)
+    data = _payload(100_000, 9)
+    hub.contents[dl.EVA_FILENAME] = data
+    hub.publish()
+    hub.cut_prefix = f"/{dl.EVA_REPO}/resolve/"
+    hub.cuts = [1_000] * (dl.HTTP_MAX_RETRIES + 1)
+    with pytest.raises(DownloadError, match="run the command again to resume"):
+        download_weights(tmp_path, components=["eva"], progress=False)
+    part = tmp_path / "eva" / (dl.EVA_FILENAME + dl.PART_SUFFIX)
+    kept = part.stat().st_size
+    assert kept == 1_000 * (dl.HTTP_MAX_RETRIES + 1)
+    hub.requests.clear()
+    download_weights(tmp_path, components=["eva"], progress=False)  # a new run
+    assert (tmp_path / "eva" / dl.EVA_FILENAME).read_bytes() == data
+    ranges = [r for path, r in hub.requests if path.startswith(hub.cut_prefix)]
+    assert ranges == [f"bytes={kept}-"]  # picked up where it stopped, not from zero
+    assert not part.exists()
+
+
+def test_a_part_file_in_use_is_not_written_twice(tmp_path):
+    import fcntl
+
+    part = tmp_path / ("f" + dl.PART_SUFFIX)
+    with open(part, "ab") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(DownloadError, match="another download"):
+            fetch_url("http://127.0.0.1:9/f", tmp_path / "f", max_retries=0, progress=False)
 
 
 def test_offline_mode_failure_is_clear(tmp_path, monkeypatch):
@@ -547,10 +589,9 @@ def test_offline_mode_failure_is_clear(tmp_path, monkeypatch):
     assert "[pulid]" in message and "[antelopev2]" in message
     assert "HF_HUB_OFFLINE" in message
     assert "guozinan/PuLID" in message and "DIAMONIK7777/antelopev2" in message
-    assert str(tmp_path / "pulid" / "pulid_flux_v0.9.1.safetensors") in message
 
 
-def test_gated_repo_without_token_says_to_accept_the_licence(tmp_path, monkeypatch):
+def test_gated_repo_without_token_gives_the_steps(tmp_path, monkeypatch):
     # The real huggingface_hub against a loopback "hub" that answers like a gated repo.
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_TOKEN", "")
@@ -561,38 +602,85 @@ def test_gated_repo_without_token_says_to_accept_the_licence(tmp_path, monkeypat
         assert any("black-forest-labs/FLUX.1-dev" in path for path, _ in server.requests)
     message = str(info.value)
     assert "gated" in message and "accept the licence" in message
-    assert "https://huggingface.co/black-forest-labs/FLUX.1-dev" in message and "--token" in message
+    assert "https://huggingface.co/black-forest-labs/FLUX.1-dev" in message
+    assert "https://huggingface.co/settings/tokens" in message and "export HF_TOKEN=" in message
+    assert "--token" in message
 
 
 # --------------------------------------------------------------------------- command line
 
 
-def _parse(argv):
-    parser = argparse.ArgumentParser()
-    dl.add_arguments(parser)
-    return parser.parse_args(argv)
+def _cli(*argv: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "HF_TOKEN": "", **(env or {})}
+    full_env.pop("HF_HUB_OFFLINE", None)
+    return subprocess.run([sys.executable, "-m", "pulid_flux.cli", *argv], capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
 
 
-def test_cli_options_and_success(tmp_path, hub):
-    args = _parse(["--dest", str(tmp_path), "--only", "pulid", "--only", "eva", "--pulid-version", "all",
-                   "--token", "hf_cli"])
-    assert args.only == ["pulid", "eva"]
-    assert dl.run(args) == 0
-    assert [c["filename"] for c in hub.of("file", dl.PULID_REPO)] == [
-        "pulid_flux_v0.9.1.safetensors", "pulid_flux_v0.9.0.safetensors"
-    ]
-    assert all(kw["token"] == "hf_cli" for _, _, kw in hub.calls)
-    assert hub.of("snapshot", dl.FLUX_REPO) == []
-    # No --token: huggingface_hub resolves HF_TOKEN / the stored login itself.
+def test_cli_options_and_success(tmp_path, hub, capsys):
+    assert main(["download", "--dest", str(tmp_path), "--only", "pulid", "--only", "eva", "--pulid-version", "all",
+                 "--token", "hf_cli", "--no-progress"]) == 0
+    assert hub.of("file", dl.PULID_REPO) == ["pulid_flux_v0.9.1.safetensors", "pulid_flux_v0.9.0.safetensors"]
+    assert {auth for _, auth in hub.authorizations} == {"Bearer hf_cli"}
+    assert hub.of("listing", dl.FLUX_REPO) == []
+    assert "weights ready in" in capsys.readouterr().err
+    # No --token (and no HF_TOKEN): nothing is sent.
     (tmp_path / "eva" / dl.EVA_FILENAME).unlink()
-    assert dl.run(_parse(["--dest", str(tmp_path), "--only", "eva"])) == 0
-    assert hub.of("file", dl.EVA_REPO)[-1]["token"] is None
+    hub.authorizations.clear()
+    assert main(["download", "--dest", str(tmp_path), "--only", "eva", "--no-progress"]) == 0
+    assert {auth for _, auth in hub.authorizations} == {None}
     with pytest.raises(SystemExit):
-        _parse(["--only", "weights"])
+        main(["download", "--only", "weights"])
+    assert main(["download", "--dest", str(tmp_path), "--revision", "nope=abc"]) == 1
+    assert "--revision nope=abc" in capsys.readouterr().err
 
 
-def test_cli_failure_returns_1_with_the_reason(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-    assert dl.run(_parse(["--dest", str(tmp_path), "--only", "eva"])) == 1
+def test_cli_refuses_to_start_without_disk_space(tmp_path, hub, monkeypatch, capsys):
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    assert main(["download", "--dest", str(tmp_path / "new"), "--only", "eva", "--no-progress"]) == 1
     err = capsys.readouterr().err
-    assert "HF_HUB_OFFLINE" in err and "QuanSun/EVA-CLIP" in err
+    assert "not enough free disk space" in err and "but 0.0 GB free" in err
+    assert hub.of("file", dl.EVA_REPO) == []  # refused before any file was fetched
+    assert not (tmp_path / "new" / "eva").exists()
+    # Exactly the bytes to fetch are free: enough once the margin setting is 0, not before.
+    needed = len(_placeholder(_REPOS[dl.EVA_REPO], dl.EVA_FILENAME))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - needed, needed))
+    assert main(["download", "--dest", str(tmp_path / "new"), "--only", "eva", "--no-progress"]) == 1
+    monkeypatch.setenv("PULID_FLUX_DOWNLOAD_FREE_SPACE_MARGIN_GB", "0")
+    assert main(["download", "--dest", str(tmp_path / "new"), "--only", "eva", "--no-progress"]) == 0
+
+
+def test_cli_unreachable_hub_reports_every_component_and_leaves_no_litter(tmp_path):
+    with _Server({}) as server:
+        port = server.httpd.server_address[1]
+    done = _cli("download", "--dest", str(tmp_path), "--no-progress", "--only", "pulid", "--only", "flux",
+                "--only", "eva", "--only", "antelopev2", "--only", "safety-checker",
+                env={"HF_ENDPOINT": f"http://127.0.0.1:{port}"})
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert "pulid-flux: error: some weights could not be fetched" in done.stderr
+    for component in ("pulid", "flux", "eva", "antelopev2", "safety-checker"):
+        assert f"[{component}] cannot reach the Hugging Face hub" in done.stderr, component
+    litter = [p for p in tmp_path.rglob("*") if p.suffix in (".lock", ".part", ".incomplete")]
+    assert litter == []
+
+
+def test_cli_gated_repo_prints_the_steps(tmp_path):
+    with _Server({}) as server:
+        server.gated = True
+        done = _cli("download", "--dest", str(tmp_path), "--only", "flux", "--no-progress",
+                    env={"HF_ENDPOINT": server.url})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "accept the licence" in done.stderr and "export HF_TOKEN=" in done.stderr
+
+
+def test_an_unwritable_folder_fails_its_component_only(tmp_path, hub):
+    (tmp_path / "eva").write_text("a file where the eva folder belongs")
+    with pytest.raises(DownloadError) as info:
+        download_weights(tmp_path, components=["eva", "pulid"], progress=False)
+    assert "[eva]" in str(info.value) and "[pulid]" not in str(info.value)
+    assert (tmp_path / "pulid" / "pulid_flux_v0.9.1.safetensors").is_file()

@@ -1,4 +1,5 @@
-"""Hostile reference-image inputs at the fetch/decode level.
+"""Hostile reference-image inputs at the fetch/decode level, and hostile HTTP requests against a
+live server (uploads, tokens, JSON, HEAD; at the end).
 
 Every case must end in ReferenceImageError with the expected ``.type``; any other
 exception fails the test. SSRF cases also assert that no connection was attempted
@@ -11,11 +12,13 @@ import asyncio
 import base64
 import gzip
 import io
+import json
 import os
 import socket
 import struct
 import zlib
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -433,3 +436,181 @@ def test_connection_refused_is_fetch_failed(loopback_only):
 def test_case_count():
     total = len(DECODE_CASES) + len(DATA_CASES) + len(URL_CASES) + len(SERVER_CASES) + 4
     assert total >= 40
+
+
+# ---------------------------------------------------------------------------
+# hostile requests at the HTTP level (issue 10): one live server with two keys and no worker;
+# no request gets a 5xx, and the server stays healthy and logs no unhandled error.
+
+KEY_A = {"Authorization": "Key alpha"}
+KEY_B = {"Authorization": "Key beta"}
+COMPLETE_CAP = 4096
+
+
+def deep_json(n: int) -> str:
+    return "[" * n + "]" * n
+
+
+@pytest.fixture(scope="module")
+def hostile_server(tmp_path_factory):
+    from conftest import LiveServer
+
+    server = LiveServer(tmp_path_factory.mktemp("hostile") / "data",
+                        args=["--host", "127.0.0.1", "--api-key", "alpha", "--api-key", "beta"],
+                        env={"PULID_FLUX_LOCAL_WORKERS": "0", "PULID_FLUX_MAX_UPLOAD_BYTES": str(1 << 20),
+                             "PULID_FLUX_MAX_COMPLETE_BODY_BYTES": str(COMPLETE_CAP)})
+    server.start()
+    try:
+        server.wait_ready(timeout=120, need_worker=False)
+        yield server
+    finally:
+        server.stop()
+
+
+def raw_request(server, data: bytes) -> int:
+    """Bytes no well-behaved client library would send; returns the status code (0: no answer)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(data)
+        reply = b""
+        while b"\r\n" not in reply:
+            chunk = s.recv(4096)
+            if not chunk:
+                return 0
+            reply += chunk
+    return int(reply.split(b" ", 2)[1])
+
+
+class Upload:
+    """A CDN multipart upload of key A, and the routes an attacker would aim at."""
+
+    def __init__(self, http):
+        r = http.post("/cdn/files/upload/multipart", headers={**KEY_A, "x-fal-file-name": "t.bin"})
+        self.url, self.upload_id = r.json()["access_url"], r.json()["uploadId"]
+        self.path = httpx.URL(self.url).path
+        self.file_id = self.path.split("/")[2]
+        self.base = f"{self.path}/multipart/{self.upload_id}"
+
+
+def hostile_cases(http, server):
+    """(name, send() -> status, allowed statuses)."""
+    up = Upload(http)
+    etag = http.put(f"{up.base}/1", content=b"x" * 10, headers=KEY_A).json()["etag"]
+    done = Upload(http)
+    done_etag = http.put(f"{done.base}/1", content=b"d", headers=KEY_A).json()["etag"]
+    http.post(f"{done.base}/complete", json={"parts": [{"partNumber": 1, "etag": done_etag}]}, headers=KEY_A)
+    init = http.post("/rest/storage/upload/initiate-multipart", headers=KEY_A, json={}).json()
+    signed_path, signed_query = httpx.URL(init["upload_url"]).path, httpx.URL(init["upload_url"]).query.decode()
+    token = http.post("/rest/tokens/", headers=KEY_A, json={"token_expiration": 60}).json()
+
+    def post(path, **kw):
+        return lambda: http.post(path, **kw).status_code
+
+    def put(path, **kw):
+        return lambda: http.put(path, **kw).status_code
+
+    def complete(body: bytes | str, headers=KEY_A):
+        return post(f"{up.base}/complete", content=body, headers=headers)
+
+    def chunked(total: int):
+        def gen():
+            for _ in range(total // 1000):
+                yield b"x" * 1000
+        return gen()
+
+    lifecycle = {h: deep_json(3000) for h in ("x-fal-object-lifecycle",)}
+    return [
+        # declared content types
+        ("content type with CR/LF", post("/rest/storage/upload/initiate", headers=KEY_A,
+                                         json={"content_type": "text/html\r\nSet-Cookie: a=b"}), {422}),
+        ("content type with NUL", post("/rest/storage/upload/initiate", headers=KEY_A,
+                                       json={"content_type": "image/png\x00"}), {422}),
+        ("content type not a type", post("/cdn/files/upload", content=b"x",
+                                         headers={**KEY_A, "content-type": "<script>"}), {422}),
+        ("raw control byte in Content-Type", lambda: raw_request(server, (
+            f"POST /cdn/files/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Key alpha\r\n"
+            f"Content-Type: text/html\x01x\r\nContent-Length: 1\r\n\r\nx").encode("latin-1")), {400, 422}),
+        ("file name traversal", post("/cdn/files/upload", content=b"x",
+                                     headers={**KEY_A, "x-fal-file-name": "../../../etc/passwd"}), {200}),
+        ("file name 8 KiB", post("/cdn/files/upload", content=b"x",
+                                 headers={**KEY_A, "x-fal-file-name": "n" * 8192}), {200}),
+        # JSON nested deep or badly, in every body and header parsed
+        ("deep complete body", complete(deep_json(COMPLETE_CAP // 2)), {422}),
+        ("deep lifecycle header", post("/cdn/files/upload", content=b"x", headers={**KEY_A, **lifecycle}), {422}),
+        ("deep lifecycle-preference on upload", post("/cdn/files/upload", content=b"x", headers={
+            **KEY_A, "x-fal-object-lifecycle-preference": deep_json(3000)}), {422}),
+        ("deep lifecycle-preference on submit", post("/fal-ai/flux-pulid", json={"prompt": "p"}, headers={
+            **KEY_A, "x-fal-object-lifecycle-preference": deep_json(3000)}), {422}),
+        ("deep submit body", post("/fal-ai/flux-pulid", content=deep_json(200_000),
+                                  headers={**KEY_A, "content-type": "application/json"}), {400, 422}),
+        ("deep initiate body", post("/rest/storage/upload/initiate", content=deep_json(200_000),
+                                    headers={**KEY_A, "content-type": "application/json"}), {400, 422}),
+        ("deep tokens body", post("/rest/tokens/", content='{"a":' * 50_000 + "1" + "}" * 50_000,
+                                  headers={**KEY_A, "content-type": "application/json"}), {400, 422}),
+        ("deep query JSON", lambda: http.get("/run/fal-ai/flux-pulid", headers=KEY_A, params={
+            "prompt": "p", "reference_image_urls": deep_json(3000)}).status_code, {422}),
+        ("complete body not JSON", complete(b"\xff\xfe{"), {422}),
+        # sizes
+        ("complete body over the cap", complete(b" " * (COMPLETE_CAP + 1)), {413}),
+        ("chunked complete body over the cap", lambda: http.post(
+            f"{up.base}/complete", content=chunked(COMPLETE_CAP + 1000), headers=KEY_A).status_code, {413}),
+        ("upload over the limit, chunked", lambda: http.post(
+            "/cdn/files/upload", content=chunked(2 << 20), headers=KEY_A).status_code, {413}),
+        ("part over the limit", put(f"{up.base}/2", content=b"x" * (1 << 20), headers=KEY_A), {413}),
+        # part lists
+        ("part listed 3 times", complete(json.dumps({"parts": [{"partNumber": 1, "etag": etag}] * 3})), {422}),
+        ("part listed twice, apart", complete(json.dumps({"parts": [
+            {"partNumber": 1}, {"partNumber": 2}, {"partNumber": 1}]})), {422}),
+        ("part number a string", complete(json.dumps({"parts": [{"partNumber": "1"}]})), {422}),
+        ("part number huge", complete(json.dumps({"parts": [{"partNumber": 10 ** 30}]})), {422}),
+        ("parts not a list", complete(json.dumps({"parts": "all"})), {422}),
+        ("part path 0", put(f"{up.base}/0", content=b"x", headers=KEY_A), {422}),
+        ("part path huge", put(f"{up.base}/{10 ** 30}", content=b"x", headers=KEY_A), {422}),
+        ("part path not a number", put(f"{up.base}/one", content=b"x", headers=KEY_A), {422}),
+        # writes by others, or after the end
+        ("part by another key", put(f"{up.base}/1", content=b"evil", headers=KEY_B), {404}),
+        ("complete by another key", complete(json.dumps({"parts": [{"partNumber": 1}]}), headers=KEY_B), {404}),
+        ("part without credentials", put(f"{up.base}/1", content=b"evil"), {401}),
+        ("part with the file id as upload id", put(f"{up.path}/multipart/{up.file_id}/1", content=b"e",
+                                                   headers=KEY_A), {404}),
+        ("part of a finished upload", put(f"{done.base}/1", content=b"again", headers=KEY_A), {403}),
+        ("complete a finished upload", post(f"{done.base}/complete", headers=KEY_A, json={
+            "parts": [{"partNumber": 1, "etag": done_etag}]}), {403}),
+        ("signed part, bad signature", put(f"{signed_path}/1?{signed_query.replace('sig=', 'sig=0')}",
+                                           content=b"x"), {403}),
+        ("signed part, no signature", put(f"{signed_path}/1", content=b"x"), {403}),
+        ("signed part, exp not a number", put(f"{signed_path}/1?exp=soon&sig=00", content=b"x"), {403}),
+        ("signed part, exp far away", put(f"{signed_path}/1?exp={10 ** 40}&sig=00", content=b"x"), {403}),
+        ("signed put on an unknown id", put(f"/files/upload/{'A' * 24}?{signed_query}", content=b"x"), {403}),
+        ("signed put on a traversal id", put("/files/upload/..%2F..%2Fetc?exp=1&sig=0", content=b"x"), {403, 404}),
+        # tokens
+        ("token minted from a token", post("/rest/tokens/", json={}, headers={"Authorization": f"Bearer {token}"}),
+         {403}),
+        ("storage token from a token", post("/rest/storage/auth/token", json={},
+                                            headers={"Authorization": f"Bearer {token}"}), {403}),
+        ("forged token", post("/rest/tokens/", json={}, headers={"Authorization": "Bearer e30.00"}), {401}),
+        ("token of dots", post("/rest/tokens/", json={}, headers={"Authorization": "Bearer ...."}), {401}),
+        # reading
+        ("file with the wrong name", lambda: http.get(f"{done.path[:-len('t.bin')]}x.html").status_code, {404}),
+        ("file path traversal", lambda: http.get("/files/..%2F..%2Fsecret.key/x").status_code, {404}),
+        # HEAD wherever GET is answered (a stream included: it must end at the headers)
+        *[(f"HEAD {p}", lambda p=p: http.head(p, headers=KEY_A).status_code, {200, 202})
+          for p in ("/health", "/", "/docs", "/static/app.js", "/metrics", done.path)],
+        ("HEAD status stream", lambda: http.head(
+            f"/fal-ai/flux-pulid/requests/{'r' * 36}/status/stream", headers=KEY_A).status_code, {404}),
+    ]
+
+
+def test_hostile_http_requests_get_4xx_and_the_server_stays_healthy(hostile_server):
+    with httpx.Client(base_url=hostile_server.url, timeout=30) as http:
+        results = []
+        for name, send, allowed in hostile_cases(http, hostile_server):
+            status = send()
+            results.append((name, status, allowed))
+            assert http.get("/health").status_code == 200, f"unhealthy after {name}"
+        wrong = [(name, status, sorted(allowed)) for name, status, allowed in results if status not in allowed]
+        assert not wrong, wrong
+        assert all(status < 500 for _, status, _ in results)
+        head = http.head("/health")
+        assert head.status_code == 200 and head.content == b""
+    log = hostile_server.log_tail(2000)
+    assert "Traceback" not in log and "unhandled error" not in log, log

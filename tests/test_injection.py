@@ -1,6 +1,7 @@
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
+from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from pulid_flux.engine.injection import IDInjector
@@ -70,12 +71,26 @@ def test_placement_and_call_order():
     assert order == [0, 1, 2, 3, 4, 5]
 
 
+class _Record(ModelHook):
+    def __init__(self, sink):
+        super().__init__()
+        self.sink = sink
+
+    def post_forward(self, module, output):
+        self.sink(output)
+        return output
+
+
+def record(block, sink):
+    HookRegistry.check_if_exists_or_initialize(block).register_hook(_Record(sink), "record")
+
+
 def test_residual_on_block_output_image_only():
     model, cas = tiny_flux(), ca_list(6)
     raw = {}
-    # registered before the injector, so these see the blocks' own outputs
-    model.transformer_blocks[2].register_forward_hook(lambda m, a, o: raw.__setitem__("d2", o))
-    model.single_transformer_blocks[4].register_forward_hook(lambda m, a, o: raw.__setitem__("s4", o))
+    # diffusers hooks registered before the injector's wrap the blocks' own forward: they see its outputs
+    record(model.transformer_blocks[2], lambda o: raw.__setitem__("d2", o))
+    record(model.single_transformer_blocks[4], lambda o: raw.__setitem__("s4", o))
     nxt = {}
     model.transformer_blocks[3].register_forward_pre_hook(
         lambda m, a, kw: nxt.__setitem__("d3", (kw["encoder_hidden_states"], kw["hidden_states"])), with_kwargs=True

@@ -10,6 +10,7 @@ import pytest
 import skimage.data
 import torch
 from PIL import Image
+from test_quiet import assert_no_library_warnings
 
 from pulid_flux.engine.pipeline import RANDOM_SEED_BOUND, PuLIDFluxPipeline
 from pulid_flux.engine.types import GenerationRequest, NoFaceError
@@ -178,6 +179,7 @@ def test_generate_command_writes_the_image_and_prints_the_seed(tmp_path, face):
     assert done.returncode == 0, done.stderr
     assert "seed 5" in done.stdout and "step 2/2" in done.stdout
     assert Image.open(out).size == (128, 96)
+    assert_no_library_warnings(done.stderr)
 
 
 def test_gpu_only_modes_and_unknown_models_are_refused_clearly():

@@ -20,7 +20,6 @@ import pytest
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 KEY = "playground-test-key"
 
 pytestmark = pytest.mark.skipif(
@@ -30,7 +29,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def save_png(data: bytes, path: Path) -> None:
-    """Screenshots go to the repository: a 256-colour palette keeps them small."""
+    """A 256-colour palette keeps the README's screenshots small."""
     from PIL import Image
 
     image = Image.open(io.BytesIO(data)).convert("RGB")
@@ -62,7 +61,7 @@ def check_defaults_match_schema(page) -> None:
         el = page.locator(f"#{name}")
         assert float(el.get_attribute("min")) == bounds["ge"], name
         assert float(el.get_attribute("max")) == bounds["le"], name
-    for name in ("image_size", "max_sequence_length", "output_format"):
+    for name in ("image_size", "max_sequence_length", "output_format", "acceleration"):
         assert page.input_value(f"#{name}") == fields[name].default, name
     options = page.eval_on_selector_all("#image_size option", "els => els.map(e => e.value)")
     from pulid_flux.api.schemas import IMAGE_SIZE_PRESETS
@@ -93,7 +92,7 @@ def drop_file(page, selector: str, data: bytes, name: str, mime: str) -> None:
     )
 
 
-def test_playground_end_to_end(make_server, tmp_path, astronaut_png):
+def test_playground_end_to_end(make_server, tmp_path, astronaut_png, screenshots_dir):
     from PIL import Image
     from playwright.sync_api import expect, sync_playwright
     from skimage import data as skdata
@@ -121,6 +120,9 @@ def test_playground_end_to_end(make_server, tmp_path, astronaut_png):
             page.on("filechooser", lambda chooser: None)
             page_errors: list[str] = []
             page.on("pageerror", lambda exc: page_errors.append(str(exc)))
+            # The page's strict CSP must not block anything the page itself does.
+            page.on("console", lambda msg: "Content Security Policy" in msg.text
+                    and page_errors.append(msg.text))
             expect.set_options(timeout=60_000)
 
             page.goto(server.url + "/")
@@ -138,9 +140,10 @@ def test_playground_end_to_end(make_server, tmp_path, astronaut_png):
             expect(page.locator("#err-reference_image_url")).to_contain_text("Upload failed")
             page.fill("#api-key", KEY)
             page.click("#key-save")
-            expect(page.locator("#key-state")).to_have_text("(saved in this browser)")
+            expect(page.locator("#key-state")).to_have_text("(kept in this tab)")
             expect(page.locator("#err-api-key")).to_be_empty()
-            assert page.evaluate("localStorage.getItem('pulid-flux:api-key')") == KEY
+            assert page.evaluate("sessionStorage.getItem('pulid-flux:api-key')") == KEY
+            assert page.evaluate("localStorage.getItem('pulid-flux:api-key')") is None
 
             # --- the reference by keyboard: Enter on the drop zone opens the file picker -------
             page.focus("#drop")
@@ -185,7 +188,7 @@ def test_playground_end_to_end(make_server, tmp_path, astronaut_png):
             # A mid-run screenshot with the progress bar and a live preview.
             expect(page.locator("#live-img")).to_have_attribute("src", re.compile(r"^data:image/jpeg;base64,"))
             page.evaluate("window.scrollTo(0, 0)")
-            save_png(page.screenshot(), SCREENSHOTS / "playground-progress.png")
+            save_png(page.screenshot(), screenshots_dir / "playground-progress.png")
             result_img = page.locator(".result-img")
             expect(result_img).to_have_count(1, timeout=90_000)
             wait_until(lambda: page.evaluate(
@@ -236,11 +239,11 @@ def test_playground_end_to_end(make_server, tmp_path, astronaut_png):
             assert KEY not in python_snippet and KEY not in page.inner_text("body")
 
             page.evaluate("window.scrollTo(0, 0)")
-            save_png(page.screenshot(full_page=True), SCREENSHOTS / "playground-desktop.png")
+            save_png(page.screenshot(full_page=True), screenshots_dir / "playground-desktop.png")
             page.set_viewport_size({"width": 390, "height": 844})
             # One column on a phone: nothing wider than the screen.
             assert page.evaluate("document.documentElement.scrollWidth") <= 390
-            save_png(page.screenshot(full_page=True), SCREENSHOTS / "playground-phone.png")
+            save_png(page.screenshot(full_page=True), screenshots_dir / "playground-phone.png")
             page.set_viewport_size({"width": 1280, "height": 900})
 
             # The Python snippet runs as shown with the official client (key from FAL_KEY).

@@ -131,7 +131,7 @@ def test_true_cfg_uses_negative_text_and_uncond_id_from_step_1():
     out = denoise(
         model, injector, img, image_ids(2, 6), timesteps, cond,
         guidance=4.0, id_tokens=id_tokens, id_weight=0.8, start_step=1, true_cfg=3.0,
-        neg_cond=neg, uncond_id_tokens=uncond,
+        neg_cond=neg, uncond_id_tokens=uncond, batch_cfg=False,
         step_callback=lambda i, n, lat: seen.append((i, n, lat.clone())),
     )  # fmt: skip
     assert summarize(model.calls) == [
@@ -167,7 +167,7 @@ def test_cfg_before_start_step_has_no_id_in_either_pass():
     model, injector, cond, neg, id_tokens, uncond = make_setup()
     denoise(
         model, injector, torch.zeros(2, 6, 4), image_ids(2, 6), get_schedule(3, 48), cond,
-        id_tokens=id_tokens, start_step=2, true_cfg=1.5, neg_cond=neg, uncond_id_tokens=uncond,
+        id_tokens=id_tokens, start_step=2, true_cfg=1.5, neg_cond=neg, uncond_id_tokens=uncond, batch_cfg=False,
     )  # fmt: skip
     assert [c["id"] for c in model.calls] == [None, None, None, "id", "uncond_id"]
 
@@ -188,3 +188,48 @@ def test_cfg_requires_negative_conditioning():
     model, injector, cond, _, id_tokens, _ = make_setup()
     with pytest.raises(ValueError):
         denoise(model, injector, torch.zeros(1, 6, 4), image_ids(2, 6), get_schedule(2, 48), cond, true_cfg=2.0)
+
+
+def tiny_pulid_transformer():
+    """The tiny preset's transformer with PuLID's cross-attentions attached (random weights, fp32)."""
+    from pulid_flux.engine.injection import IDInjector
+    from pulid_flux.engine.presets import TINY_IDFORMER
+    from pulid_flux.engine.pulid import IDFormer, PuLIDModules
+    from pulid_flux.engine.tiny_flux import TINY_HEADS, TINY_TEXT_WIDTH, TINY_WIDTH, build_tiny_flux
+
+    transformer = build_tiny_flux(0).transformer
+    torch.manual_seed(1)
+    pulid = PuLIDModules.for_transformer(transformer, IDFormer(**TINY_IDFORMER), ca_heads=TINY_HEADS,
+                                         ca_dim_head=TINY_WIDTH // TINY_HEADS).eval()
+    txt_len = 12
+    cond = TextConditioning(torch.randn(1, txt_len, TINY_TEXT_WIDTH), torch.zeros(txt_len, 3),
+                            torch.randn(1, TINY_TEXT_WIDTH))
+    neg = TextConditioning(torch.randn(1, txt_len, TINY_TEXT_WIDTH), torch.zeros(txt_len, 3),
+                           torch.randn(1, TINY_TEXT_WIDTH))
+    out_dim = TINY_IDFORMER["output_dim"]
+    return transformer, IDInjector(transformer, pulid.pulid_ca), cond, neg, torch.randn(1, 32, out_dim), \
+        torch.randn(1, 32, out_dim)
+
+
+def test_batched_true_cfg_equals_the_sequential_loop():
+    transformer, injector, cond, neg, id_tokens, uncond = tiny_pulid_transformer()
+    calls = []
+    transformer.register_forward_hook(lambda m, a, kw, out: calls.append(kw["hidden_states"].shape[0]),
+                                      with_kwargs=True)
+    img = pack(get_noise(3, 96, 128, device="cpu", dtype=torch.float32, num_images=2))
+    ids = image_ids(12, 16)
+    timesteps = get_schedule(5, img.shape[1])
+
+    def run(batch_cfg, uncond_id=uncond):
+        calls.clear()
+        return denoise(transformer, injector, img, ids, timesteps, cond, guidance=3.5, id_tokens=id_tokens,
+                       id_weight=0.9, start_step=1, end_step=4, true_cfg=3.5, neg_cond=neg,
+                       uncond_id_tokens=uncond_id, batch_cfg=batch_cfg)
+
+    sequential = run(False)
+    assert calls == [2] + [2, 2] * 4  # step 0 has no CFG, then two calls of 2 images per step
+    batched = run(True)
+    assert calls == [2] + [4] * 4  # one call of 2 x 2 images per CFG step
+    torch.testing.assert_close(batched, sequential, rtol=0, atol=1e-5)
+    # each half of the batch gets its own ID: the negative half's ID is not the prompt's
+    assert (run(True, uncond_id=id_tokens) - batched).abs().max() > 1e-3

@@ -16,7 +16,15 @@ import httpx
 import pytest
 from loopback import free_port
 
-from pulid_flux.storage.base import KIND_INPUT, KIND_OUTPUT, KIND_UPLOAD, StorageError
+from pulid_flux.storage.base import (
+    KIND_INPUT,
+    KIND_OUTPUT,
+    KIND_UPLOAD,
+    FileFinished,
+    FileTooLarge,
+    StorageError,
+    UnknownFile,
+)
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
           "AWS_DEFAULT_REGION": "us-east-1"}
@@ -153,11 +161,93 @@ def test_multipart_in_any_order_with_etags(make_storage):
         st.complete_multipart(meta.id, [(1, etags[1]), (2, "bad"), (3, etags[3])])
     with pytest.raises(StorageError):
         st.complete_multipart(meta.id, [(1, etags[1]), (4, "")])  # never uploaded
+    for listed in ([(1, etags[1]), (2, etags[2]), (1, etags[1])],  # each part once
+                   [(0, ""), (1, etags[1])], []):
+        with pytest.raises(StorageError):
+            st.complete_multipart(meta.id, listed)
+    # Listed in any order (parallel parts finish so), joined in ascending order.
     done = st.complete_multipart(meta.id, [(2, f'"{etags[2]}"'), (1, etags[1]), (3, etags[3])])
     assert done.complete and done.size == sum(map(len, chunks))
     assert st.read(meta.id) == b"".join(chunks)
-    with pytest.raises(StorageError):
+    with pytest.raises(UnknownFile):
         st.put_part("B" * 24, 1, b"unknown upload")
+    # Finished files are immutable, whichever way a write comes.
+    for write in (lambda: st.put_part(meta.id, 1, b"again"), lambda: st.write(meta.id, b"again"),
+                  lambda: st.complete_multipart(meta.id, [(1, etags[1])])):
+        with pytest.raises(FileFinished):
+            write()
+    assert st.read(meta.id) == b"".join(chunks)
+
+
+def test_streamed_writes_hold_the_limit_and_leave_nothing_on_abort(make_storage):
+    st = make_storage(max_file_bytes=3000)
+    meta = st.reserve(content_type="text/html", file_name="page.html")
+    writer = st.open_write(meta.id)
+    writer.write(b"<html>" + b"x" * 1000)
+    with pytest.raises(FileTooLarge):
+        writer.write(b"y" * 2500)
+    writer.abort()
+    assert st.read(meta.id) is None and not st.stat(meta.id).complete
+    writer = st.open_write(meta.id)
+    for _ in range(3):
+        writer.write(b"z" * 1000)
+    assert writer.close().size == 3000 and st.read(meta.id) == b"z" * 3000
+
+
+def test_multipart_over_the_limit_keeps_nothing(make_storage):
+    st = make_storage(max_file_bytes=3000)
+    meta = st.reserve(content_type="a/b", file_name="big.bin")
+    parts = [(n, st.put_part(meta.id, n, b"p" * 1000)) for n in (1, 2, 3)]
+    with pytest.raises(FileTooLarge):
+        st.put_part(meta.id, 4, b"p")  # the parts together stay within the limit
+    assert st.complete_multipart(meta.id, parts).size == 3000
+    # Parts uploaded at once can each pass; the completion catches the total.
+    other = st.reserve(content_type="a/b", file_name="big.bin")
+    st.max_file_bytes = 10_000
+    parts = [(n, st.put_part(other.id, n, b"q" * 2000)) for n in (1, 2)]
+    st.max_file_bytes = 3000
+    with pytest.raises(FileTooLarge):
+        st.complete_multipart(other.id, parts)
+    assert st.stat(other.id) is None
+
+
+def test_s3_streams_large_writes_as_multipart_uploads(moto_s3):
+    """Beyond one buffer a write goes out in parts; an abort leaves no object and no upload."""
+    from pulid_flux.storage.s3 import S3_BUFFER_BYTES, S3Storage
+
+    bucket = moto_s3.make_bucket()
+    st = S3Storage.from_url(f"s3://{bucket}", endpoint_url=moto_s3.endpoint, region="us-east-1")
+    data = b"\x89PNG\r\n\x1a\n" + os.urandom(S3_BUFFER_BYTES + 1024 * 1024)
+    meta = st.reserve(content_type="text/html", file_name="big.png")
+    writer = st.open_write(meta.id)
+    for i in range(0, len(data), 1024 * 1024):
+        writer.write(data[i:i + 1024 * 1024])
+    assert writer.upload_id is not None  # the first 8 MiB already left this process
+    assert writer.close().size == len(data) and st.read(meta.id) == data
+    assert httpx.get(st.file_url(meta)).headers["content-type"] == "image/png"
+
+    other = st.reserve(content_type="a/b", file_name="gone.bin")
+    writer = st.open_write(other.id)
+    writer.write(os.urandom(S3_BUFFER_BYTES + 1))
+    writer.abort()
+    assert st.read(other.id) is None
+    assert not moto_s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads")
+
+
+def test_stored_objects_carry_headers_from_their_bytes(moto_s3):
+    """The store serves S3 files itself: their type comes from the bytes, not the declaration."""
+    from pulid_flux.storage.s3 import S3Storage
+
+    st = S3Storage.from_url(f"s3://{moto_s3.make_bucket()}", endpoint_url=moto_s3.endpoint,
+                            region="us-east-1")
+    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 40
+    page = st.put(b"<script>alert(1)</script>", content_type="text/html", file_name="x.html")
+    image = st.put(png, content_type="text/html", file_name="y.png")
+    for meta, ctype, disposition in ((page, "application/octet-stream", "attachment"),
+                                     (image, "image/png", "inline")):
+        r = httpx.get(st.file_url(meta))
+        assert r.headers["content-type"] == ctype
+        assert r.headers["content-disposition"].startswith(disposition)
 
 
 def test_expire_by_kind_and_age(st):
@@ -197,16 +287,16 @@ def test_s3_urls_are_presigned_or_public_and_resolve_back(moto_s3):
     bucket = moto_s3.make_bucket()
     st = S3Storage.from_url(f"s3://{bucket}/p", endpoint_url=moto_s3.endpoint, region="us-east-1",
                             presign_expiry_s=120)
-    meta = st.put(b"jpeg bytes", content_type="image/jpeg", file_name="out.jpg")
+    meta = st.put(b"\xff\xd8\xff jpeg bytes", content_type="image/jpeg", file_name="out.jpg")
     url = st.file_url(meta)
     assert "X-Amz-Expires=120" in url and "X-Amz-Signature=" in url
     r = httpx.get(url, timeout=10)
-    assert r.status_code == 200 and r.content == b"jpeg bytes"
+    assert r.status_code == 200 and r.content == b"\xff\xd8\xff jpeg bytes"
     assert r.headers["content-type"] == "image/jpeg"
     assert st.file_id_from_url(url) == meta.id
     via_path = st.url_for_path(meta.path)
     assert st.file_id_from_url(via_path) == meta.id
-    assert httpx.get(via_path, timeout=10).content == b"jpeg bytes"
+    assert httpx.get(via_path, timeout=10).content == b"\xff\xd8\xff jpeg bytes"
     assert st.url_for_path("/files/../x") is None
     assert st.file_id_from_url(f"http://elsewhere.example/{bucket}/p/{meta.id}/out.jpg") is None
     assert st.file_id_from_url(f"{moto_s3.endpoint}/{bucket}/p/{meta.id}/meta.json") is None

@@ -230,3 +230,51 @@ def test_bfl_vae_conversion_loads_and_decodes(tmp_path):
     with torch.no_grad():
         image = vae.decode(torch.randn(1, 16, 4, 4)).sample
     assert image.shape == (1, 3, 8, 8) and torch.isfinite(image).all()
+
+
+# ----------------------------------------------------------------------------- chosen by setting
+
+
+def test_bfl_single_files_and_pulid_v090_chosen_by_setting_load(tmp_path, monkeypatch):
+    """PULID_FLUX_FLUX_TRANSFORMER / _FLUX_AE / _PULID_VERSION, resolved as the flux-dev preset does
+    (WeightPaths.from_env), pass the completeness check and load with the preset's loaders."""
+    from pulid_flux.engine.download import WeightPaths
+
+    weights, bfl = tmp_path / "weights", tmp_path / "bfl"
+    bfl.mkdir()
+    # BFL flux1-dev.safetensors layout at a small width, with FLUX.1-dev's head dim (the loader's default rope)
+    shapes = bfl_flux_shapes(width=128, head_dim=128, depth=1, single=1, txt_dim=8, vec_dim=8)
+    g = torch.Generator().manual_seed(2)
+    save_file({"model.diffusion_model." + k: torch.randn(s, generator=g).to(torch.bfloat16)
+               for k, s in shapes.items()}, str(bfl / "flux1-dev.safetensors"))
+    save_file({k: torch.randn(s, generator=g) * 0.05 for k, s in bfl_ae_shapes().items()}, str(bfl / "ae.safetensors"))
+    modules = small_modules()
+    pulid_dir = weights / "pulid"
+    pulid_dir.mkdir(parents=True)
+    ckpt = random_checkpoint(pulid_key_manifest(modules))
+    save_file(ckpt, str(pulid_dir / "pulid_flux_v0.9.0.safetensors"))
+    # the rest of the diffusers folder that the single files do not replace
+    flux_dir = weights / "flux-dev"
+    for name in ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json",
+                 "tokenizer_2/tokenizer_config.json", "text_encoder/config.json", "text_encoder/model.safetensors",
+                 "text_encoder_2/config.json", "text_encoder_2/model.safetensors"):
+        (flux_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (flux_dir / name).write_text("{}")
+
+    monkeypatch.setenv("PULID_FLUX_WEIGHTS_DIR", str(weights))
+    monkeypatch.setenv("PULID_FLUX_FLUX_TRANSFORMER", str(bfl / "flux1-dev.safetensors"))
+    monkeypatch.setenv("PULID_FLUX_FLUX_AE", str(bfl / "ae.safetensors"))
+    monkeypatch.setenv("PULID_FLUX_PULID_VERSION", "v0.9.0")
+    paths = WeightPaths.from_env()
+    paths.check(["flux", "pulid"])  # no diffusers transformer/ or vae/ needed
+    assert paths.pulid_checkpoint == pulid_dir / "pulid_flux_v0.9.0.safetensors"
+
+    transformer = load_flux_transformer(paths.flux_transformer, dtype=torch.float32)
+    assert transformer.config.num_layers == 1 and transformer.config.attention_head_dim == 128
+    assert not any(p.is_meta for p in transformer.parameters())
+    small_vae = FLUX_VAE_CONFIG | {"block_out_channels": [32, 64], "down_block_types": ["DownEncoderBlock2D"] * 2,
+                                   "up_block_types": ["UpDecoderBlock2D"] * 2}  # fmt: skip
+    vae = load_flux_vae(paths.flux_ae, config=small_vae)
+    assert vae.config.latent_channels == 16
+    load_pulid_checkpoint(modules, paths.pulid_checkpoint)
+    torch.testing.assert_close(modules.state_dict()["pulid_ca.0.to_q.weight"], ckpt["pulid_ca.0.to_q.weight"].float())

@@ -68,6 +68,19 @@ def test_generates_and_stores_images(env, astronaut_uri):
     assert len(job.output_files) == 1
 
 
+def test_acceleration_reaches_the_engine_and_its_savings_the_logs(env, astronaut_uri):
+    api, svc, worker = env
+    plain = submit(api, astronaut_uri, seed=5, sync_mode=True)
+    run_next(svc, worker)
+    rid = submit(api, astronaut_uri, seed=5, sync_mode=True, acceleration="high")
+    job = run_next(svc, worker)
+    assert job.status_code == 200, job.result
+    logged = [l.message for l in svc.queue.logs(rid) if l.message.startswith("skipped_block_fraction: ")]
+    assert len(logged) == 1 and 0 < float(logged[0].split(": ")[1]) < 1
+    assert not [l for l in svc.queue.logs(plain) if l.message.startswith("skipped_block_fraction")]
+    assert job.result["images"][0]["url"] != svc.queue.get(plain).result["images"][0]["url"]
+
+
 @pytest.mark.parametrize("fmt,pil", [("png", "PNG"), ("webp", "WEBP")])
 def test_formats_counts_and_sync_mode(env, astronaut_uri, fmt, pil):
     api, svc, worker = env

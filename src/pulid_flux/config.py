@@ -40,6 +40,13 @@ class Settings(BaseSettings):
         description="Absolute base URL clients reach this server at (file URLs, webhooks). "
         "Default: derived from each request's Host header.",
     )
+    files_public_url: Optional[str] = Field(
+        None,
+        description="Absolute base URL of a separate origin (e.g. https://files.example.com) that "
+        "reaches this server and serves only /files/: file URLs use it, and the API origin "
+        "redirects file reads there, so no uploaded file ever shares an origin with the API or "
+        "the playground. Default: file URLs on the API's own origin.",
+    )
     secret_key_file: Optional[Path] = Field(
         None, description="HMAC secret of upload URLs and tokens, created if absent; every API "
         "replica needs the same one. Default: <data_dir>/secret.key.",
@@ -71,12 +78,19 @@ class Settings(BaseSettings):
     )
     device: Optional[str] = None
     weights_dir: Optional[str] = None
+    download_free_space_margin_gb: float = Field(
+        2.0, ge=0, description="Free disk space `pulid-flux download` wants beyond the bytes it will write."
+    )
     offload: bool = False
     fp8: Optional[Literal["weights", "fast"]] = Field(
         None, description="fp8 transformer: weights (weight-only, the official --fp8) or fast (fp8 "
         "activations too, CUDA sm89+). Default: off. true/false are read as weights/off.",
     )
     compile: bool = False
+    batch_cfg: Optional[bool] = Field(
+        None, description="True CFG's prompt and negative passes in one batch-2 transformer call (faster, "
+        "more activation memory); false: two calls. Default: batched unless `offload`.",
+    )
     id_cache_size: int = Field(
         16, ge=0, le=4096,
         description="ID embeddings a worker keeps for repeated reference images (LRU); 0 disables.",
@@ -190,6 +204,10 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest JSON request body (data URIs included)."
     )
+    max_json_depth: int = Field(
+        32, ge=2, le=256, description="Deepest nesting of JSON this server parses from multipart "
+        "`complete` bodies, lifecycle headers and query values (deeper: 4xx).",
+    )
     min_image_size: int = Field(256, ge=16, description="Smallest custom width/height.")
     max_image_size: int = Field(2048, ge=16, description="Largest custom width/height.")
     image_size_multiple: int = Field(
@@ -218,9 +236,18 @@ class Settings(BaseSettings):
         1024 * 1024 * 1024, ge=1024, description="Largest uploaded file (single or multipart)."
     )
     max_multipart_parts: int = Field(10000, ge=1, description="Most parts of one multipart upload.")
-    upload_url_ttl_s: float = Field(3600.0, gt=0, description="Lifetime of signed upload URLs.")
+    max_complete_body_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Largest multipart `complete` body (the part list); 413 above."
+    )
+    upload_url_ttl_s: float = Field(
+        3600.0, gt=0, description="Lifetime of signed upload URLs (never beyond the token that asked)."
+    )
     storage_token_ttl_s: float = Field(
         3600.0, gt=0, description="Lifetime of CDN upload tokens; also caps `/rest/tokens/` ones."
+    )
+    mint_tokens_from_tokens: bool = Field(
+        False, description="Whether a token (not only an API key) may obtain new tokens from "
+        "`/rest/tokens/` and `/rest/storage/auth/token`; minted tokens never outlive their parent.",
     )
     client_token_default_ttl_s: float = Field(
         120.0, gt=0, description="Lifetime of a `/rest/tokens/` token when the caller names none."

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -139,21 +141,46 @@ def build_app(settings):
     return create_app(settings, background=background)
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before any worker starts, so a busy port fails at once."""
+    from .cli import CommandError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:  # includes socket.gaierror: an unknown host
+        raise CommandError(f"cannot listen on {host}:{port}: {exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: quick restarts
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        hint = " (another server running? choose another --port)" if exc.errno == errno.EADDRINUSE else ""
+        raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror}{hint}") from None
+    return sock
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
+
+    from .cli import CommandError
 
     settings = settings_from_args(args)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s server %(levelname)s %(name)s %(message)s")
     if bool(settings.ssl_certfile) != bool(settings.ssl_keyfile):
-        print("serve: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)
-        return 2
+        raise CommandError("--ssl-certfile and --ssl-keyfile go together")
     host = settings.bind_host
+    sock = bind_socket(host, settings.port)
     if not settings.api_keys and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("no API keys configured and binding to %s: anyone who can reach it can use it", host)
     app = build_app(settings)
     config = uvicorn.Config(app, host=host, port=settings.port, log_level=settings.log_level.lower(),
                             ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile,
                             timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run()
+    # uvicorn logs no address for a socket it is handed; say where the service is
+    scheme, port = ("https" if settings.ssl_certfile else "http"), sock.getsockname()[1]
+    log.info("serving on %s://%s:%d (Ctrl+C to stop)", scheme, f"[{host}]" if ":" in host else host, port)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0

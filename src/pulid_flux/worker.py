@@ -156,7 +156,7 @@ class Worker:
             self.pipe = PuLIDFluxPipeline.from_preset(
                 name, device=self.settings.device, weights_dir=self.settings.weights_dir,
                 offload=self.settings.offload, fp8=self.settings.fp8, compile=self.settings.compile,
-                id_cache_size=self.settings.id_cache_size,
+                id_cache_size=self.settings.id_cache_size, batch_cfg=self.settings.batch_cfg,
             )
             if self.settings.worker_warmup:
                 self._warm_up()
@@ -287,6 +287,7 @@ class Worker:
             id_weight=inp["id_weight"], max_sequence_length=int(inp["max_sequence_length"]),
             num_images=inp.get("num_images", 1), face_index=inp.get("face_index"),
             enable_safety_checker=inp["enable_safety_checker"],
+            acceleration=inp.get("acceleration", "none"),
         )
 
         delay = self.settings.step_delay_s
@@ -308,6 +309,8 @@ class Worker:
         started = time.perf_counter()
         result = self.pipe(request, on_step=on_step, **extra)
         inference = time.perf_counter() - started
+        for name, value in result.metrics.items():
+            self.queue.add_log(job.id, f"{name}: {value:.3f}")
 
         fmt = inp.get("output_format", "jpeg")
         images, files = [], []

@@ -22,6 +22,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from swagger_ui_bundle import swagger_ui_path
 
 from .. import __version__
 from ..config import ENDPOINT_ID, Settings
@@ -29,7 +30,7 @@ from ..queue.base import WEBHOOK_DELIVERED, WEBHOOK_FAILED, Queue
 from ..storage.base import KIND_UPLOAD, Storage
 from . import routes_queue, routes_storage
 from .auth import Auth, load_or_create_secret
-from .proxy import BodyLimitMiddleware, FalProxyMiddleware, InternalErrorMiddleware
+from .proxy import BodyLimitMiddleware, FalProxyMiddleware, HeadMiddleware, InternalErrorMiddleware
 from .services import Services
 
 log = logging.getLogger("pulid_flux.api")
@@ -37,6 +38,17 @@ log = logging.getLogger("pulid_flux.api")
 STATIC_DIR = Path(__file__).parent / "static"
 
 BackgroundTask = Callable[[Services], Awaitable[None]]
+
+
+def playground_headers(settings: Settings) -> dict[str, str]:
+    """The playground runs only its own script and style files, talks only to this API, and
+    cannot be framed; images may come from anywhere (references, a file origin, a bucket)."""
+    api = settings.public_url.rstrip("/") if settings.public_url else ""
+    csp = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src * data: blob:; "
+           f"connect-src 'self' {api}".rstrip() + "; form-action 'none'; base-uri 'none'; "
+           "frame-ancestors 'none'")
+    return {"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY", "Cache-Control": "no-cache"}
 
 
 def _clean_errors(errors) -> list[dict]:
@@ -191,7 +203,8 @@ def create_app(settings: Optional[Settings] = None, *, services: Optional[Servic
         description="A self-hosted twin of fal's `fal-ai/flux-pulid` endpoint (FLUX.1-dev + PuLID). "
         "Queue API at `/`, sync API at `/run/`, storage at `/rest/` and `/cdn/`.",
         lifespan=lifespan,
-        docs_url=None,
+        docs_url=None,  # served below with local assets
+        redoc_url=None,  # not served: ReDoc's page would load from a CDN
         openapi_url=None,
     )
     app.state.services = svc
@@ -216,7 +229,7 @@ def create_app(settings: Optional[Settings] = None, *, services: Optional[Servic
     # The playground: a static page that uses only the public API (no auth: it holds no data).
     @app.get("/", include_in_schema=False)
     async def playground():
-        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+        return FileResponse(STATIC_DIR / "index.html", headers=playground_headers(settings))
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -261,13 +274,21 @@ def create_app(settings: Optional[Settings] = None, *, services: Optional[Servic
     async def openapi():
         return app.openapi()
 
+    # Swagger UI from the files shipped in the swagger-ui-bundle-v2 wheel: /docs works offline.
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
     @app.get("/docs", include_in_schema=False, dependencies=[Depends(require_auth)])
     async def docs():
-        return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title)
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json", title=app.title,
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon-32x32.png")
 
     # Outermost first: CORS answers preflights (proxy included), then the proxy re-routes,
     # then the body cap applies to the re-routed path; unhandled errors become 500s inside
-    # all of them, so they carry CORS headers too.
+    # all of them, so they carry CORS headers too; HEAD is routed as GET innermost.
+    app.add_middleware(HeadMiddleware)
     app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(FalProxyMiddleware)

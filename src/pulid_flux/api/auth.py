@@ -14,6 +14,7 @@ import hmac
 import json
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +24,17 @@ from ..keyfile import read_or_create
 
 TOKEN_CDN = "cdn"
 TOKEN_CLIENT = "client"
+
+
+@dataclass(frozen=True)
+class Credential:
+    owner: str
+    expires_at: Optional[float] = None  # set when it is a token: what it mints ends no later
+
+    def cap(self, ttl_s: float) -> float:
+        """Expiry of something minted from this credential with ``ttl_s``."""
+        exp = time.time() + ttl_s
+        return exp if self.expires_at is None else min(exp, self.expires_at)
 
 
 def owner_of(key: str) -> str:
@@ -62,12 +74,11 @@ class Auth:
     def _mac(self, message: str) -> str:
         return hmac.new(self._secret, message.encode(), hashlib.sha256).hexdigest()
 
-    def make_token(self, owner: str, kind: str, ttl_s: float) -> tuple[str, float]:
-        exp = time.time() + ttl_s
+    def make_token(self, owner: str, kind: str, exp: float) -> tuple[str, float]:
         body = _b64(json.dumps({"o": owner, "k": kind, "e": int(exp)}).encode())
         return f"{body}.{self._mac(body)}", exp
 
-    def check_token(self, token: str, kind: str) -> Optional[str]:
+    def check_token(self, token: str, kind: str) -> Optional[Credential]:
         try:
             body, mac = token.rsplit(".", 1)
             if not hmac.compare_digest(mac, self._mac(body)):
@@ -75,13 +86,18 @@ class Auth:
             claims = json.loads(_unb64(body))
         except (ValueError, TypeError):
             return None
-        if claims.get("k") != kind or claims.get("e", 0) < time.time():
+        if not isinstance(claims, dict) or claims.get("k") != kind or claims.get("e", 0) < time.time():
             return None
-        return str(claims.get("o", ""))
+        return Credential(str(claims.get("o", "")), float(claims["e"]))
 
-    def sign_path(self, path: str, ttl_s: float) -> str:
+    def upload_id(self, file_id: str) -> str:
+        """The id of a CDN multipart upload: only its initiator learns it (the file's own id
+        is public in its URL)."""
+        return self._mac(f"upload|{file_id}")[:32]
+
+    def sign_path(self, path: str, exp: float) -> str:
         """Query string that makes ``path`` (and sub-paths) usable without credentials."""
-        exp = int(time.time() + ttl_s)
+        exp = int(exp)
         return f"exp={exp}&sig={self._mac(f'{path}|{exp}')}"
 
     def check_signed(self, path: str, exp: Optional[str], sig: Optional[str]) -> bool:
@@ -97,25 +113,30 @@ class Auth:
     # --- request authentication --------------------------------------------------------
     def owner_for(self, request: Request, *, allow: tuple[str, ...] = (TOKEN_CLIENT,)) -> str:
         """The caller's owner id; raises 401 when auth is on and nothing valid was sent."""
-        if not self.enabled:
-            return ""
+        return self.credential(request, allow=allow).owner
+
+    def credential(self, request: Request, *, allow: tuple[str, ...] = (TOKEN_CLIENT,)) -> Credential:
+        """Who the caller is, and until when (tokens); raises 401 when auth is on and nothing
+        valid was sent. Without keys, a token sent anyway still bounds what it mints."""
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
         value = value.strip()
-        if scheme.lower() == "key" and value:
+        if scheme.lower() == "key" and value and self.enabled:
             owner = self.check_key(value)
             if owner is not None:
-                return owner
+                return Credential(owner)
         elif scheme.lower() == "bearer" and value:
             for kind in allow:
-                owner = self.check_token(value, kind)
-                if owner is not None:
-                    return owner
+                cred = self.check_token(value, kind)
+                if cred is not None:
+                    return cred
         token = request.query_params.get("fal_jwt_token")
         if token and TOKEN_CLIENT in allow:
-            owner = self.check_token(token, TOKEN_CLIENT)
-            if owner is not None:
-                return owner
+            cred = self.check_token(token, TOKEN_CLIENT)
+            if cred is not None:
+                return cred
+        if not self.enabled:
+            return Credential("")
         raise HTTPException(
             status_code=401,
             detail="Unauthorized: send `Authorization: Key <key>`",

@@ -1,5 +1,5 @@
-"""ASGI middlewares: fal's proxy convention, the request body cap, and fal's 500 for
-unhandled errors.
+"""ASGI middlewares: fal's proxy convention, the request body cap, fal's 500 for unhandled
+errors, and HEAD wherever GET is answered.
 
 ``/api/fal/proxy`` carries the real target in ``x-fal-target-url``. Instead of forwarding over
 HTTP, the request is re-routed inside this app (scope rewrite), so SSE keeps streaming and the
@@ -120,3 +120,32 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class HeadMiddleware:
+    """``HEAD`` is answered on every ``GET`` route (load balancers probe with it): the request
+    is routed as ``GET``, the response ends with its headers, and a streaming handler (a file,
+    a status stream) is stopped there instead of running on with no one to read it."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+        ended = False
+
+        async def headers_only(message):
+            nonlocal ended
+            if message["type"] == "http.response.start":
+                await send(message)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                ended = True
+            elif ended and message.get("more_body"):
+                raise OSError("HEAD: the body is not sent")  # ASGI's "client gone"
+
+        try:
+            await self.app({**scope, "method": "GET"}, receive, headers_only)
+        except OSError:
+            if not ended:
+                raise

@@ -86,7 +86,7 @@ async def accept(request: Request, body: FluxPulidInput, *, priority: int = 0,
     errors = check_limits(body, svc.settings)
     try:
         ttl_s = retention_from_header(request.headers.get(LIFECYCLE_PREFERENCE_HEADER),
-                                      svc.settings.result_ttl_s)
+                                      svc.settings.result_ttl_s, svc.settings.max_json_depth)
     except ValueError as exc:
         errors.append(error_detail(LIFECYCLE_PREFERENCE_HEADER, str(exc), "value_error", where="header"))
     if errors:

@@ -7,12 +7,12 @@ against :class:`~pulid_flux.config.Settings` and reported in the same 422 shape.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal, Mapping, Optional, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..config import Settings
+from . import safe_json
 
 # fal's named sizes, width x height.
 IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
@@ -79,6 +79,11 @@ class FluxPulidInput(BaseModel):
     )
     preview_interval: int = Field(
         2, ge=1, le=50, description="Extension: steps between two previews (with enable_previews)."
+    )
+    acceleration: Literal["none", "regular", "high"] = Field(
+        "none", description="Extension, as fal's FLUX endpoints: `regular` and `high` reuse the later "
+        "transformer blocks' result when the first block's barely changed since the last step (First Block "
+        "Cache; the identity is never carried over). Faster, slightly different images; `none` is exact.",
     )
 
 
@@ -178,7 +183,7 @@ def _is_list(annotation: Any) -> bool:
 def _json_or_text(text: str) -> Any:
     if text[:1] in ("{", "["):
         try:
-            return json.loads(text)
+            return safe_json.loads(text)
         except ValueError:
             pass
     return text
@@ -190,16 +195,14 @@ LIFECYCLE_PREFERENCE_HEADER = "x-fal-object-lifecycle-preference"
 LIFECYCLE_HEADER = "x-fal-object-lifecycle"
 
 
-def retention_from_header(value: Optional[str], server_ttl_s: float) -> Optional[float]:
+def retention_from_header(value: Optional[str], server_ttl_s: float,
+                          max_depth: int = safe_json.DEFAULT_MAX_DEPTH) -> Optional[float]:
     """Seconds to keep a request's result and files, from fal's object lifecycle header
     (``{"expiration_duration_seconds": N, "initial_acl": …}``); None keeps the server's
     ``result_ttl_s``, which also caps it: a client may shorten the retention, not extend it."""
     if not value:
         return None
-    try:
-        doc = json.loads(value)
-    except ValueError:
-        raise ValueError("must be a JSON object") from None
+    doc = safe_json.loads(value, max_depth=max_depth)
     if not isinstance(doc, dict):
         raise ValueError("must be a JSON object")
     seconds = doc.get("expiration_duration_seconds")

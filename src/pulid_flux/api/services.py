@@ -43,9 +43,14 @@ class Services:
             return self.default_base_url
         return f"{request.url.scheme}://{host}"
 
+    def files_base_url(self, base: str) -> str:
+        """Where file URLs point: the separate file origin when one is set."""
+        return (self.settings.files_public_url or base).rstrip("/")
+
     def own_file_resolver(self, request: Optional[Request]) -> Callable[[str], Optional[bytes]]:
         hosts = set(self.own_hosts)
         hosts.add(urlsplit(self.base_url(request)).netloc)
+        hosts.add(urlsplit(self.files_base_url(self.base_url(request))).netloc)
         if request is not None and request.headers.get("host"):
             hosts.add(request.headers["host"])
 
@@ -97,11 +102,11 @@ class Services:
         """URL of a stored file's ``/files/{id}/{name}`` path: the store's own URL (presigned
         or public) when it has one, else this server's."""
         direct = getattr(self.storage, "url_for_path", None)
-        return (direct(path) if direct else None) or base.rstrip("/") + path
+        return (direct(path) if direct else None) or self.files_base_url(base) + path
 
     def result_body(self, job: Job, base: str) -> Any:
         if getattr(self.storage, "url_for_path", None) is None:
-            return expand_file_refs(job.result, base)
+            return expand_file_refs(job.result, self.files_base_url(base))
 
         def walk(value):
             if isinstance(value, str) and value.startswith(FILE_REF_PREFIX):

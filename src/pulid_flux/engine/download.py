@@ -20,6 +20,7 @@ Heavy imports (huggingface_hub, httpx, tqdm) stay inside functions so ``pulid-fl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -98,7 +99,7 @@ FACEXLIB_FILES: dict[str, tuple[str, Optional[int]]] = {
     ),
     FACEXLIB_PARSING: (
         "https://github.com/xinntao/facexlib/releases/download/v0.2.0/parsing_bisenet.pth",
-        None,
+        53_289_463,
     ),
 }
 
@@ -109,7 +110,20 @@ SAFETY_CHECKER_FALLBACK = "pytorch_model.bin"  # fetched only if the repo has no
 
 COMPONENTS = ("pulid", "flux", "eva", "antelopev2", "facexlib", "safety-checker")
 
-# Plain-HTTP downloads (the facexlib GitHub release files).
+# Every Hugging Face source, pinned to a commit, so that a download is the same files today and
+# next year (the facexlib files above are pinned by release tag and exact size). To move a pin:
+# put the new commit here, or once with `pulid-flux download --revision COMPONENT=SHA`, and
+# fetch that component again with `--force --only COMPONENT`.
+HF_SOURCES: dict[str, tuple[str, str]] = {
+    "pulid": (PULID_REPO, "d58b3ba191be1280c37ace0656a2e65cd9b8c8d8"),
+    "flux": (FLUX_REPO, "3de623fc3c33e44ffbe2bad470d0f45bccf2eb21"),
+    "eva": (EVA_REPO, "690a5975ca06e9a43d16bae440dd08213bfff0c5"),
+    "antelopev2": (ANTELOPEV2_REPO, "ba0c3e10f4548361eb9a63265d87ce1140ab5a05"),
+    "safety-checker": (SAFETY_CHECKER_REPO, "cb41f3a270d63d454d385fc2e4f571c487c253c5"),
+}
+
+# Every file goes through one fetcher (fetch_url): HTTP Range resume from a .part file, also
+# across runs. huggingface_hub's own downloads restart a file from zero in a new process.
 HTTP_CONNECT_TIMEOUT_S = 30.0
 HTTP_READ_TIMEOUT_S = 120.0
 HTTP_MAX_RETRIES = 5  # resumed attempts after an interrupted transfer
@@ -457,11 +471,13 @@ def fetch_url(
     connect_timeout_s: float = HTTP_CONNECT_TIMEOUT_S,
     read_timeout_s: float = HTTP_READ_TIMEOUT_S,
     progress: bool = True,
+    headers: Optional[dict[str, str]] = None,
 ) -> Path:
     """Download ``url`` to ``dest`` through ``dest.part``, resuming with an HTTP Range request.
 
     A file at ``dest`` is complete by construction (it is only renamed there after its size was
-    verified), so it is not fetched again unless ``force``.
+    verified), so it is not fetched again unless ``force``. ``headers`` (e.g. the hub token) go to
+    ``url`` only: httpx drops ``Authorization`` when a redirect leaves its host.
     """
     import httpx
 
@@ -476,7 +492,9 @@ def fetch_url(
 
     timeout = httpx.Timeout(read_timeout_s, connect=connect_timeout_s)
     attempt = 0
-    with httpx.Client(timeout=timeout, follow_redirects=True) as client:
+    # identity: the bytes counted and resumed are the file's, not a compressed stream's
+    headers = {"Accept-Encoding": "identity", **(headers or {})}
+    with httpx.Client(timeout=timeout, follow_redirects=True, headers=headers) as client, _exclusive(part):
         while True:
             try:
                 _fetch_once(client, url, part, progress=progress, label=dest.name)
@@ -511,6 +529,24 @@ class _RetryableStatus(Exception):
     pass
 
 
+@contextlib.contextmanager
+def _exclusive(part: Path):
+    """Hold an advisory lock on ``part`` so two downloads never append to the same file. The lock
+    goes with the process, so nothing stale is left behind when it dies."""
+    import fcntl
+
+    with open(part, "ab") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DownloadError(f"another download is writing {part}; wait for it to finish") from None
+        try:
+            yield
+        finally:
+            if part.exists() and part.stat().st_size == 0:
+                part.unlink()  # nothing to resume from: leave no litter
+
+
 def _fetch_once(client, url: str, part: Path, *, progress: bool, label: str) -> None:
     from tqdm.auto import tqdm
 
@@ -523,7 +559,7 @@ def _fetch_once(client, url: str, part: Path, *, progress: bool, label: str) -> 
             total = _content_range_total(response.headers.get("content-range"))
             if total == have:
                 return
-            part.unlink()
+            os.truncate(part, 0)  # truncated, not removed: the lock is on this file
             raise _Incomplete(f"server rejected resuming at byte {have}; starting over")
         if status >= 500 or status == 429:
             raise _RetryableStatus(f"HTTP {status}")
@@ -531,7 +567,7 @@ def _fetch_once(client, url: str, part: Path, *, progress: bool, label: str) -> 
         if status == 206:
             start = _content_range_start(response.headers.get("content-range"))
             if start != have:
-                part.unlink()
+                os.truncate(part, 0)
                 raise _Incomplete(f"server resumed at byte {start}, not {have}; starting over")
             total = _content_range_total(response.headers.get("content-range"))
             mode = "ab"
@@ -572,6 +608,35 @@ def _content_range_start(value: Optional[str]) -> Optional[int]:
 # ----------------------------------------------------------------------------- Hugging Face
 
 
+def _network_errors() -> tuple[type, ...]:
+    """Exceptions that mean "the hub could not be reached" (huggingface_hub 2.x talks httpx2)."""
+    import httpx
+
+    errors: list[type] = [OSError, httpx.TransportError]
+    try:
+        import httpx2
+
+        errors.append(httpx2.TransportError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def gated_repo_steps(repo_id: str, token_given: bool) -> str:
+    url = f"https://huggingface.co/{repo_id}"
+    if token_given:
+        return (
+            f"{repo_id} is gated and the account of the token you gave has no access yet: log in to "
+            f"{url} as that account, accept the licence, and run this command again"
+        )
+    return (
+        f"{repo_id} is gated: Hugging Face serves it only to accounts that accepted its licence.\n"
+        f"  1. log in at {url} and accept the licence\n"
+        "  2. create a read token at https://huggingface.co/settings/tokens\n"
+        "  3. export HF_TOKEN=hf_... (or pass --token hf_...) and run this command again"
+    )
+
+
 def _hf_error(
     exc: BaseException, repo_id: str, what: str, dest: Path, token_given: bool, endpoint: Optional[str] = None
 ) -> DownloadError:
@@ -580,31 +645,21 @@ def _hf_error(
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
-        LocalEntryNotFoundError,
         OfflineModeIsEnabled,
         RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
-    url = f"https://huggingface.co/{repo_id}"
     if isinstance(exc, GatedRepoError):
-        if token_given:
-            fix = (
-                f"the account of the token you gave has no access yet: accept the licence at {url} "
-                "(logged in as that account) and try again"
-            )
-        else:
-            fix = (
-                f"log in at {url} and accept the licence, create a read token at "
-                "https://huggingface.co/settings/tokens, then pass --token TOKEN "
-                "(or set HF_TOKEN, or run `hf auth login`)"
-            )
-        return DownloadError(f"{repo_id} is a gated repository: {fix}")
-    if isinstance(exc, OfflineModeIsEnabled) or (
-        isinstance(exc, LocalEntryNotFoundError) and constants.is_offline_mode()
-    ):
+        return DownloadError(gated_repo_steps(repo_id, token_given))
+    if isinstance(exc, OfflineModeIsEnabled):
         return DownloadError(
             f"cannot fetch {what} from {repo_id}: Hugging Face offline mode is on (HF_HUB_OFFLINE). "
             f"Unset HF_HUB_OFFLINE on a machine with internet access, or copy the file(s) to {dest}"
+        )
+    if isinstance(exc, RevisionNotFoundError):
+        return DownloadError(
+            f"{repo_id} has no commit matching the pinned revision (HF_SOURCES in engine/download.py, or --revision)"
         )
     if isinstance(exc, RepositoryNotFoundError) or (
         isinstance(exc, HfHubHTTPError) and getattr(exc.response, "status_code", None) == 401
@@ -613,7 +668,7 @@ def _hf_error(
             f"{repo_id} not found or not accessible with the current credentials "
             "(check --token / HF_TOKEN)"
         )
-    if isinstance(exc, (LocalEntryNotFoundError, OSError)):
+    if isinstance(exc, _network_errors()):
         return DownloadError(
             f"cannot reach the Hugging Face hub ({endpoint or constants.ENDPOINT}) "
             f"to fetch {what} from {repo_id}: {exc}. "
@@ -628,14 +683,22 @@ def _hf_guard(repo_id: str, what: str, dest: Path, token, call: Callable, endpoi
     except DownloadError:
         raise
     except Exception as exc:  # mapped to a clear message; the original stays chained
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-        if isinstance(exc, (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, OSError)):
+        if isinstance(exc, (HfHubHTTPError, OfflineModeIsEnabled, *_network_errors())):
             raise _hf_error(exc, repo_id, what, dest, token_given=bool(token), endpoint=endpoint) from exc
         raise
 
 
 # ----------------------------------------------------------------------------- components
+
+
+@dataclass
+class _File:
+    url: str
+    dest: Path
+    size: Optional[int]
+    headers: Optional[dict[str, str]] = None
 
 
 def download_weights(
@@ -648,31 +711,93 @@ def download_weights(
     endpoint: Optional[str] = None,
     facexlib_files: Optional[dict[str, tuple[str, Optional[int]]]] = None,
     progress: bool = True,
+    revisions: Optional[dict[str, str]] = None,
+    free_space_margin_bytes: Optional[int] = None,
 ) -> WeightPaths:
     """Fetch the requested components into ``dest`` and return the resulting :class:`WeightPaths`.
 
-    Every component is attempted; failures are collected and raised together as one
-    :class:`DownloadError`. ``token=None`` lets huggingface_hub use ``HF_TOKEN`` or the stored login.
-    Complete files are not fetched again unless ``force``.
+    First every component's file list is asked for (at its pinned revision, ``HF_SOURCES``; a
+    ``revisions`` entry moves one) and the free disk space is checked against what is still to
+    fetch; then the files are fetched. Every component is attempted; failures are collected and
+    raised together as one :class:`DownloadError`. ``token=None`` lets huggingface_hub use
+    ``HF_TOKEN`` or the stored login. Complete files are not fetched again unless ``force``.
+    ``free_space_margin_bytes``: free space wanted beyond the bytes to fetch (default: the
+    ``download_free_space_margin_gb`` setting).
     """
     root = Path(dest).expanduser() if dest is not None else default_weights_dir()
     wanted = _validate_components(components)
     for version in pulid_versions:
         if version not in PULID_VERSIONS:
             raise ValueError(f"unknown PuLID version {version!r}; choose from {', '.join(PULID_VERSIONS)}")
+    unknown = sorted(set(revisions or {}) - set(HF_SOURCES))
+    if unknown:
+        raise ValueError(f"no pinned revision for {unknown}; these have one: {', '.join(HF_SOURCES)}")
     paths = WeightPaths.from_dir(root, pulid_versions[0] if pulid_versions else DEFAULT_PULID_VERSION)
-    ctx = _Ctx(root, paths, token, force, endpoint, progress, facexlib_files or FACEXLIB_FILES, pulid_versions)
+    pins = {name: revision for name, (_, revision) in HF_SOURCES.items()} | dict(revisions or {})
+    ctx = _Ctx(root, paths, token, force, endpoint, facexlib_files or FACEXLIB_FILES, pulid_versions, pins)
+
+    if free_space_margin_bytes is None:
+        from ..config import Settings
+
+        free_space_margin_bytes = int(Settings().download_free_space_margin_gb * 1e9)
 
     failures: list[str] = []
+    plans: dict[str, list[_File]] = {}
     for name in wanted:
+        if not force and not ctx.missing(name):
+            logger.info("%s: complete, nothing to fetch", name)
+            continue
         try:
-            _FETCHERS[name](ctx)
+            plans[name] = _PLANNERS[name](ctx)
         except DownloadError as exc:
+            failures.append(f"[{name}] {exc}")
+            logger.warning("[%s] failed; going on with the other components", name)
+    try:
+        _check_free_space(root, [f for files in plans.values() for f in files], force, free_space_margin_bytes)
+    except DownloadError as exc:
+        raise DownloadError("\n".join([*failures, f"[disk] {exc}"])) from None
+    for name, files in plans.items():
+        try:
+            for f in files:
+                fetch_url(f.url, f.dest, expected_size=f.size, force=force, progress=progress, headers=f.headers)
+            ctx.verify(name, HF_SOURCES[name][0] if name in HF_SOURCES else name)
+        except (DownloadError, OSError) as exc:  # OSError: the weights folder itself (permissions, a full disk)
             failures.append(f"[{name}] {exc}")
             logger.warning("[%s] failed; going on with the other components", name)
     if failures:
         raise DownloadError("\n".join(failures))
     return paths
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def _check_free_space(root: Path, files: Sequence[_File], force: bool, margin: int) -> None:
+    """Refuse to start when the bytes still to fetch (less what .part files hold) and a margin do
+    not fit on the disk of ``root``."""
+    import shutil
+
+    needed = 0
+    for f in files:
+        if f.dest.is_file() and not force:
+            continue
+        part = f.dest.with_name(f.dest.name + PART_SUFFIX)
+        have = part.stat().st_size if part.is_file() and not force else 0
+        needed += max(0, (f.size or 0) - have)
+    if not needed:
+        return
+    probe = root
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed + margin > free:
+        raise DownloadError(
+            f"not enough free disk space in {root}: {_gb(needed)} to fetch plus a {_gb(margin)} margin "
+            f"(PULID_FLUX_DOWNLOAD_FREE_SPACE_MARGIN_GB), but {_gb(free)} free. "
+            "Free some space or choose another --dest"
+        )
+    logger.info("%s to fetch into %s (%s free)", _gb(needed), root, _gb(free))
 
 
 @dataclass
@@ -682,131 +807,107 @@ class _Ctx:
     token: Optional[str]
     force: bool
     endpoint: Optional[str]
-    progress: bool
     facexlib_files: dict
     pulid_versions: Sequence[str]
+    revisions: dict[str, str]
+    _listings: dict = field(default_factory=dict)
 
-    def hf_file(self, repo_id: str, filename: str, local_dir: Path, what: str) -> Path:
-        import huggingface_hub
+    def missing(self, component: str) -> list:
+        if component == "pulid":  # every requested version, not only the first
+            files = [self.root / PULID_SUBDIR / PULID_FILENAME.format(version=v) for v in self.pulid_versions]
+            return [f for f in files if not f.is_file()]
+        return self.paths.missing([component])[0]
 
-        target = local_dir / filename
-        if target.is_file() and not self.force:
-            logger.info("already present: %s", target)
-            return target
-        logger.info("fetching %s from %s", filename, repo_id)
-        # local_dir downloads resume from a .incomplete file under local_dir/.cache/huggingface.
-        _hf_guard(
-            repo_id,
-            what,
-            target,
-            self.token,
-            lambda: huggingface_hub.hf_hub_download(
-                repo_id, filename, local_dir=local_dir, token=self.token, endpoint=self.endpoint
-            ),
-            self.endpoint,
-        )
-        if not target.is_file():
-            raise DownloadError(f"{repo_id}/{filename} did not arrive at {target}")
-        return target
+    def listing(self, component: str) -> dict[str, Optional[int]]:
+        """File name -> size of the component's repository at its pinned revision."""
+        from huggingface_hub import HfApi
 
-    def hf_snapshot(self, repo_id: str, local_dir: Path, what: str, allow, ignore=None) -> None:
-        import huggingface_hub
+        if component not in self._listings:
+            repo, revision = HF_SOURCES[component][0], self.revisions[component]
+            logger.info("%s: listing %s at %s", component, repo, revision)
+            info = _hf_guard(
+                repo, component, self.root, self.token,
+                lambda: HfApi(endpoint=self.endpoint).model_info(
+                    repo, revision=revision, files_metadata=True, token=self.token
+                ),
+                self.endpoint,
+            )
+            self._listings[component] = {s.rfilename: s.size for s in info.siblings or []}
+        return self._listings[component]
 
-        logger.info("fetching %s from %s into %s", what, repo_id, local_dir)
-        _hf_guard(
-            repo_id,
-            what,
-            local_dir,
-            self.token,
-            lambda: huggingface_hub.snapshot_download(
-                repo_id,
-                local_dir=local_dir,
-                allow_patterns=list(allow),
-                ignore_patterns=list(ignore) if ignore else None,
-                token=self.token,
-                endpoint=self.endpoint,
-            ),
-            self.endpoint,
-        )
+    def hub_files(self, component: str, dest_dir: Path, names: Iterable[str]) -> list[_File]:
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers
+
+        repo, revision = HF_SOURCES[component][0], self.revisions[component]
+        listing = self.listing(component)
+        names = list(names)
+        absent = [n for n in names if n not in listing]
+        if absent:
+            raise DownloadError(f"{repo} at revision {revision} has no {', '.join(absent)}")
+        headers = build_hf_headers(token=self.token)
+        return [_File(hf_hub_url(repo, n, revision=revision, endpoint=self.endpoint), dest_dir / n, listing[n],
+                      headers) for n in names]
 
     def verify(self, component: str, source: str) -> None:
-        # snapshot_download can return a partial local_dir silently when the hub is unreachable.
-        missing, notes = self.paths.missing([component])
+        missing = self.missing(component)
         if missing:
-            from huggingface_hub import constants
-
-            listed = ", ".join(str(p) for _, p, _ in missing)
-            hint = " (Hugging Face offline mode is on: unset HF_HUB_OFFLINE)" if constants.is_offline_mode() else ""
-            if component == "flux" and not self.token:
-                hint += f"; FLUX.1-dev is gated: accept the licence at {FLUX_LICENCE_URL} and pass --token"
-            raise DownloadError(f"{source} incomplete after download, missing: {listed}{hint}")
-
-    def complete(self, component: str) -> bool:
-        done = not self.force and not self.paths.missing([component])[0]
-        if done:
-            logger.info("%s: complete, nothing to fetch", component)
-        return done
+            listed = ", ".join(str(m[1] if isinstance(m, tuple) else m) for m in missing)
+            raise DownloadError(f"{source} incomplete after download, missing: {listed}")
 
 
-def _fetch_pulid(ctx: _Ctx) -> None:
-    for version in ctx.pulid_versions:
-        filename = PULID_FILENAME.format(version=version)
-        ctx.hf_file(PULID_REPO, filename, ctx.root / PULID_SUBDIR, f"PuLID-FLUX {version}")
+def _matching(listing: Iterable[str], allow: Sequence[str], ignore: Sequence[str] = ()) -> list[str]:
+    from huggingface_hub.utils import filter_repo_objects
+
+    return list(filter_repo_objects(sorted(listing), allow_patterns=list(allow), ignore_patterns=list(ignore) or None))
 
 
-def _fetch_flux(ctx: _Ctx) -> None:
-    if ctx.complete("flux"):
-        return
-    import huggingface_hub
+def _plan_pulid(ctx: _Ctx) -> list[_File]:
+    names = [PULID_FILENAME.format(version=v) for v in ctx.pulid_versions]
+    return ctx.hub_files("pulid", ctx.root / PULID_SUBDIR, names)
 
-    dest = ctx.paths.flux_dir
-    # snapshot_download hides a gated-repo refusal when local_dir already has files; ask first.
+
+def _plan_flux(ctx: _Ctx) -> list[_File]:
+    from huggingface_hub import HfApi
+
+    # A gated-repo refusal is clearest from the hub's access check, before any listing or file.
     _hf_guard(
-        FLUX_REPO,
-        "FLUX.1-dev",
-        dest,
-        ctx.token,
-        lambda: huggingface_hub.HfApi(endpoint=ctx.endpoint).auth_check(FLUX_REPO, token=ctx.token),
+        FLUX_REPO, "FLUX.1-dev", ctx.paths.flux_dir, ctx.token,
+        lambda: HfApi(endpoint=ctx.endpoint).auth_check(FLUX_REPO, token=ctx.token),
         ctx.endpoint,
     )
-    ctx.hf_snapshot(FLUX_REPO, dest, "FLUX.1-dev (diffusers layout)", FLUX_DIFFUSERS_PATTERNS, FLUX_SINGLE_FILES)
-    ctx.verify("flux", FLUX_REPO)
+    names = _matching(ctx.listing("flux"), FLUX_DIFFUSERS_PATTERNS, FLUX_SINGLE_FILES)
+    return ctx.hub_files("flux", ctx.paths.flux_dir, names)
 
 
-def _fetch_eva(ctx: _Ctx) -> None:
-    ctx.hf_file(EVA_REPO, EVA_FILENAME, ctx.root / EVA_SUBDIR, "EVA02-CLIP-L-14-336")
+def _plan_eva(ctx: _Ctx) -> list[_File]:
+    return ctx.hub_files("eva", ctx.root / EVA_SUBDIR, [EVA_FILENAME])
 
 
-def _fetch_antelopev2(ctx: _Ctx) -> None:
-    if ctx.complete("antelopev2"):
-        return
-    ctx.hf_snapshot(ANTELOPEV2_REPO, ctx.paths.antelopev2_dir, "antelopev2 ONNX models", ANTELOPEV2_PATTERNS)
-    ctx.verify("antelopev2", ANTELOPEV2_REPO)
+def _plan_antelopev2(ctx: _Ctx) -> list[_File]:
+    names = _matching(ctx.listing("antelopev2"), ANTELOPEV2_PATTERNS)
+    return ctx.hub_files("antelopev2", ctx.paths.antelopev2_dir, names)
 
 
-def _fetch_facexlib(ctx: _Ctx) -> None:
-    for name, (url, size) in ctx.facexlib_files.items():
-        fetch_url(url, ctx.root / FACEXLIB_SUBDIR / name, expected_size=size, force=ctx.force, progress=ctx.progress)
+def _plan_facexlib(ctx: _Ctx) -> list[_File]:
+    return [_File(url, ctx.root / FACEXLIB_SUBDIR / name, size) for name, (url, size) in ctx.facexlib_files.items()]
 
 
-def _fetch_safety_checker(ctx: _Ctx) -> None:
-    if ctx.complete("safety-checker"):
-        return
-    dest = ctx.paths.safety_checker_dir
-    ctx.hf_snapshot(SAFETY_CHECKER_REPO, dest, "safety checker", SAFETY_CHECKER_PATTERNS)
-    if ctx.paths.safety_checker_weights is None:
+def _plan_safety_checker(ctx: _Ctx) -> list[_File]:
+    names = _matching(ctx.listing("safety-checker"), SAFETY_CHECKER_PATTERNS)
+    if not any(n.endswith(".safetensors") for n in names):
         logger.info("no safetensors weights in %s; fetching %s", SAFETY_CHECKER_REPO, SAFETY_CHECKER_FALLBACK)
-        ctx.hf_file(SAFETY_CHECKER_REPO, SAFETY_CHECKER_FALLBACK, dest, "safety checker weights")
-    ctx.verify("safety-checker", SAFETY_CHECKER_REPO)
+        names.append(SAFETY_CHECKER_FALLBACK)
+    return ctx.hub_files("safety-checker", ctx.paths.safety_checker_dir, names)
 
 
-_FETCHERS: dict[str, Callable[[_Ctx], None]] = {
-    "pulid": _fetch_pulid,
-    "flux": _fetch_flux,
-    "eva": _fetch_eva,
-    "antelopev2": _fetch_antelopev2,
-    "facexlib": _fetch_facexlib,
-    "safety-checker": _fetch_safety_checker,
+_PLANNERS: dict[str, Callable[[_Ctx], list[_File]]] = {
+    "pulid": _plan_pulid,
+    "flux": _plan_flux,
+    "eva": _plan_eva,
+    "antelopev2": _plan_antelopev2,
+    "facexlib": _plan_facexlib,
+    "safety-checker": _plan_safety_checker,
 }
 
 
@@ -842,9 +943,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--force",
         action="store_true",
-        help="ask the hub / server again even for files already present",
+        help="fetch again even files already present (and drop partial .part files)",
+    )
+    parser.add_argument(
+        "--revision",
+        action="append",
+        default=[],
+        metavar="COMPONENT=COMMIT",
+        help="fetch a component at another commit than its pin in HF_SOURCES (repeatable), "
+        f"for: {', '.join(HF_SOURCES)}",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _parse_revisions(values: Sequence[str]) -> dict[str, str]:
+    revisions = {}
+    for value in values:
+        component, sep, revision = value.partition("=")
+        if not sep or component not in HF_SOURCES or not revision:
+            raise DownloadError(f"--revision {value}: expected COMPONENT=COMMIT with COMPONENT one of "
+                                f"{', '.join(HF_SOURCES)}")
+        revisions[component] = revision
+    return revisions
 
 
 def run(args: argparse.Namespace) -> int:
@@ -854,10 +974,6 @@ def run(args: argparse.Namespace) -> int:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-    if args.no_progress:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
     versions = list(PULID_VERSIONS) if args.pulid_version == "all" else [args.pulid_version]
     dest = Path(args.dest).expanduser() if args.dest else default_weights_dir()
     try:
@@ -868,9 +984,9 @@ def run(args: argparse.Namespace) -> int:
             token=args.token,
             force=args.force,
             progress=not args.no_progress,
+            revisions=_parse_revisions(args.revision),
         )
     except DownloadError as exc:
-        print(f"pulid-flux download: some weights could not be fetched:\n{exc}", file=sys.stderr)
-        return 1
+        raise DownloadError(f"some weights could not be fetched into {dest}:\n{exc}") from None
     print(f"weights ready in {paths.weights_dir}", file=sys.stderr)
     return 0

@@ -12,7 +12,8 @@ MODEL_CHOICES = ["tiny", "flux-dev", "flux-dev-random"]
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     # default=None: an option not given leaves the PULID_FLUX_* environment setting in force
     parser.add_argument("--device", help="torch device, e.g. cuda:0 or cpu (default: cuda if present)")
-    parser.add_argument("--weights-dir", help="flux-dev weights (default: $PULID_FLUX_WEIGHTS_DIR)")
+    parser.add_argument("--weights-dir", help="folder of the flux-dev weights, as `pulid-flux download` fills it "
+                        "(default: $PULID_FLUX_WEIGHTS_DIR, else ~/.cache/pulid-flux)")
     parser.add_argument("--offload", action="store_true", default=None,
                         help="model CPU offload of the FLUX parts (less VRAM, slower)")
     fp8 = parser.add_mutually_exclusive_group()

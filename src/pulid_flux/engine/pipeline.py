@@ -19,6 +19,7 @@ import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
+from .acceleration import block_cache
 from .images import normalize_image
 from .injection import IDInjector
 from .pulid import PuLIDModules
@@ -47,6 +48,7 @@ class PipelineOptions:
     offload: bool = False  # keep FLUX components in CPU RAM, move each to the GPU only while it runs
     fp8: Optional[str] = None  # None, "weights" (weight-only, the official --fp8) or "fast" (+ fp8 activations)
     compile: bool = False  # torch.compile the transformer's repeated blocks
+    batch_cfg: Optional[bool] = None  # true CFG's two passes in one batch-2 call; None: yes unless offload
     seed: int = 0  # tiny preset only: the random weights' seed
     id_cache_size: int = 16  # ID embeddings kept per reference image (LRU); 0 disables
 
@@ -75,6 +77,7 @@ class PuLIDFluxPipeline:
         dtype: torch.dtype,
         precision: str = "",
         id_cache_size: int = 0,
+        batch_cfg: bool = True,
     ):
         self.flux = flux
         self.transformer = flux.transformer
@@ -86,6 +89,7 @@ class PuLIDFluxPipeline:
         self.device = device
         self.dtype = dtype
         self.precision = precision or DTYPE_NAMES.get(dtype, str(dtype))  # reported in /health
+        self.batch_cfg = batch_cfg
         # Hooks stay inert unless an ID is active, so the transformer is still plain FLUX elsewhere.
         self.injector = IDInjector(self.transformer, pulid.pulid_ca)
         self._uncond_id: Optional[torch.Tensor] = None
@@ -131,6 +135,7 @@ class PuLIDFluxPipeline:
         img_ids = image_ids(latent_h, latent_w, device=self.device, dtype=self.dtype)
         timesteps = get_schedule(request.num_inference_steps, img.shape[1])
 
+        cache = block_cache(self.transformer, request.acceleration)
         latents = denoise(
             self.transformer,
             self.injector,
@@ -147,6 +152,8 @@ class PuLIDFluxPipeline:
             neg_cond=neg_cond,
             uncond_id_tokens=uncond_id_tokens,
             timestep_to_start_cfg=TIMESTEP_TO_START_CFG,
+            batch_cfg=self.batch_cfg,
+            cache=cache,
             step_callback=_step_callback(on_step, on_latents, request.height, request.width),
         )
 
@@ -154,7 +161,12 @@ class PuLIDFluxPipeline:
         flags = [False] * len(images)
         if request.enable_safety_checker and self.safety_checker is not None:
             images, flags = self.safety_checker.check(images)
-        return GenerationResult(images=images, seed=seed, has_nsfw_concepts=flags)
+        metrics = {}
+        if cache is not None:
+            metrics["skipped_block_fraction"] = cache.skipped_fraction
+            log.info("acceleration %s: %.0f%% of block evaluations skipped", request.acceleration,
+                     100 * cache.skipped_fraction)
+        return GenerationResult(images=images, seed=seed, has_nsfw_concepts=flags, metrics=metrics)
 
     def warm_up(self, width: int, height: int) -> None:
         """A 2-step generation at this size, the ID injected in the second step only, and the

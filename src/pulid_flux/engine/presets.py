@@ -66,7 +66,8 @@ def load_flux_dev(options: PipelineOptions) -> PuLIDFluxPipeline:
     from .weights import load_flux_transformer, load_flux_vae, load_pulid_checkpoint
 
     device, dtype = options.resolved_device(), options.resolved_dtype()
-    paths = WeightPaths.from_dir(options.weights_dir)
+    # PULID_FLUX_<FIELD> overrides (BFL single files, PuLID v0.9.0, …) apply here, as documented
+    paths = WeightPaths.from_env(options.weights_dir)
     paths.check()  # every missing file named at once, with the command that fetches it
     transformer = load_flux_transformer(paths.flux_transformer or paths.flux_dir / "transformer", dtype=dtype,
                                         device="cpu")
@@ -165,7 +166,8 @@ def _assemble(flux, pulid, face, safety, name, is_random, options: PipelineOptio
         precision = f"{FP8_MODES[fp8]}, {precision} compute"
     return PuLIDFluxPipeline(flux=flux, pulid=pulid, face_encoder=face, safety_checker=safety, model_name=name,
                              is_random_weights=is_random, device=device, dtype=dtype, precision=precision,
-                             id_cache_size=options.id_cache_size)
+                             id_cache_size=options.id_cache_size,
+                             batch_cfg=not options.offload if options.batch_cfg is None else options.batch_cfg)
 
 
 def _has_fp8_tensor_cores(device: torch.device) -> bool:

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from .acceleration import BlockCache
 from .injection import IDInjector
 
 LATENT_CHANNELS = 16
@@ -118,13 +119,18 @@ def denoise(
     neg_cond: Optional[TextConditioning] = None,
     uncond_id_tokens: Optional[Tensor] = None,
     timestep_to_start_cfg: int = 1,
+    batch_cfg: bool = True,
+    cache: Optional[BlockCache] = None,
     step_callback: Optional[StepCallback] = None,
 ) -> Tensor:
     """Euler flow-matching loop over packed latents ``img`` [B,L,64]; returns the final packed latents.
 
     The ID is active for step indices ``start_step <= i < end_step`` (``end_step`` None: to the
     end). With ``|true_cfg - 1| > 0.01`` a negative pass (``neg_cond`` + ``uncond_id_tokens``,
-    same ID gating) runs from step ``timestep_to_start_cfg`` on.
+    same ID gating) runs from step ``timestep_to_start_cfg`` on: with ``batch_cfg`` in the same
+    transformer call as the prompt's pass (batch 2B, the negative half second), else as a second
+    call (less activation memory). ``cache`` (acceleration) is on for the loop and wraps each call in
+    its branch's cache context.
     """
     use_cfg = abs(true_cfg - 1.0) > 0.01
     if use_cfg and neg_cond is None:
@@ -134,19 +140,45 @@ def denoise(
     if use_cfg and id_tokens is not None and uncond_id_tokens is None:
         raise ValueError("true_cfg with an ID needs the unconditional ID tokens")
 
+    b = img.shape[0]
+    if use_cfg and batch_cfg:
+        pair_cond = _pair(cond, neg_cond, b)
+        pair_id = None if id_tokens is None else torch.cat((id_tokens.expand(b, -1, -1),
+                                                            uncond_id_tokens.expand(b, -1, -1)))
     num_steps = len(timesteps) - 1
-    for i, (t_curr, t_prev) in enumerate(zip(timesteps[:-1], timesteps[1:])):
-        id_on = id_tokens is not None and i >= start_step and (end_step is None or i < end_step)
-        with _id_scope(injector, id_tokens if id_on else None, id_weight):
-            pred = predict(transformer, img, img_ids, cond, t_curr, guidance)
-        if use_cfg and i >= timestep_to_start_cfg:
-            with _id_scope(injector, uncond_id_tokens if id_on else None, id_weight):
-                neg = predict(transformer, img, img_ids, neg_cond, t_curr, guidance)
-            pred = neg + true_cfg * (pred - neg)
-        img = img + (t_prev - t_curr) * pred  # step size in Python double, as the official loop
-        if step_callback is not None:
-            step_callback(i, num_steps, img)
+    with cache if cache is not None else nullcontext():
+        for i, (t_curr, t_prev) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+            id_on = id_tokens is not None and i >= start_step and (end_step is None or i < end_step)
+            cfg_on = use_cfg and i >= timestep_to_start_cfg
+            if cfg_on and batch_cfg:
+                with _branch(cache, "cond+uncond", id_on), \
+                        _id_scope(injector, pair_id if id_on else None, id_weight):
+                    pair = predict(transformer, torch.cat((img, img)), img_ids, pair_cond, t_curr, guidance)
+                pred, neg = pair.chunk(2)
+            else:
+                with _branch(cache, "cond", id_on), _id_scope(injector, id_tokens if id_on else None, id_weight):
+                    pred = predict(transformer, img, img_ids, cond, t_curr, guidance)
+                if cfg_on:
+                    with _branch(cache, "uncond", id_on), \
+                            _id_scope(injector, uncond_id_tokens if id_on else None, id_weight):
+                        neg = predict(transformer, img, img_ids, neg_cond, t_curr, guidance)
+            if cfg_on:
+                pred = neg + true_cfg * (pred - neg)
+            img = img + (t_prev - t_curr) * pred  # step size in Python double, as the official loop
+            if step_callback is not None:
+                step_callback(i, num_steps, img)
     return img
+
+
+def _pair(cond: TextConditioning, neg: TextConditioning, b: int) -> TextConditioning:
+    """The prompt's and the negative prompt's conditioning as one batch of 2b (T5 lengths are equal)."""
+    txt = torch.cat((cond.txt.expand(b, -1, -1), neg.txt.expand(b, -1, -1)))
+    vec = torch.cat((cond.vec.expand(b, -1), neg.vec.expand(b, -1)))
+    return TextConditioning(txt=txt, txt_ids=cond.txt_ids, vec=vec)
+
+
+def _branch(cache: Optional[BlockCache], name: str, id_on: bool):
+    return nullcontext() if cache is None else cache.branch(name, id_on)
 
 
 def _id_scope(injector: Optional[IDInjector], id_tokens: Optional[Tensor], id_weight: float):

@@ -30,6 +30,7 @@ class GenerationRequest:
     num_images: int = 1
     face_index: Optional[int] = None  # which face of each reference (largest first); None = largest
     enable_safety_checker: bool = True
+    acceleration: str = "none"  # "none" | "regular" | "high": First Block Cache (engine/acceleration.py)
 
 
 @dataclass
@@ -37,3 +38,5 @@ class GenerationResult:
     images: list[Image.Image]
     seed: int
     has_nsfw_concepts: list[bool] = field(default_factory=list)
+    # e.g. {"skipped_block_fraction": 0.4} with acceleration: what the cache saved
+    metrics: dict[str, float] = field(default_factory=dict)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import time
 from dataclasses import asdict
@@ -14,10 +15,46 @@ from typing import Optional
 from .base import (
     FILE_ID_RE,
     KIND_UPLOAD,
+    FileFinished,
+    FileTooLarge,
+    FileWriter,
     Storage,
     StorageError,
     StoredFile,
+    check_part_list,
 )
+
+COPY_CHUNK = 1024 * 1024
+
+
+def _link_new(tmp: Path, target: Path) -> None:
+    """Moves ``tmp`` to ``target`` unless the target exists: of two writers racing to finish
+    one file, the second fails instead of replacing the first one's bytes."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise FileFinished("the file is complete; files are immutable") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class _LocalWriter(FileWriter):
+    def __init__(self, target: Path, limit, finish):
+        super().__init__(limit)
+        self.tmp = target.with_name(f"{target.name}.{secrets.token_hex(6)}.tmp")
+        self._file = open(self.tmp, "wb")
+        self._finish = finish
+
+    def _write(self, chunk: bytes) -> None:
+        self._file.write(chunk)
+
+    def close(self):
+        self._file.close()
+        return self._finish(self)
+
+    def abort(self) -> None:
+        self._file.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 class LocalStorage(Storage):
@@ -40,10 +77,6 @@ class LocalStorage(Storage):
         tmp.write_text(json.dumps(asdict(meta)))
         os.replace(tmp, d / "meta.json")
 
-    def _check_size(self, size: int) -> None:
-        if self.max_file_bytes is not None and size > self.max_file_bytes:
-            raise StorageError(f"file larger than {self.max_file_bytes} bytes")
-
     def reserve(self, *, content_type, file_name, kind=KIND_UPLOAD, owner="",
                 expires_at=None) -> StoredFile:
         meta = StoredFile.new(content_type=content_type, file_name=file_name, kind=kind, owner=owner,
@@ -52,59 +85,70 @@ class LocalStorage(Storage):
         self._write_meta(meta)
         return meta
 
-    def write(self, file_id, data: bytes) -> StoredFile:
-        meta = self.stat(file_id)
-        if meta is None:
-            raise StorageError("unknown file")
-        self._check_size(len(data))
+    def open_write(self, file_id) -> FileWriter:
+        meta = self._unfinished(file_id)
         d = self._dir(file_id)
-        tmp = d / "data.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, d / "data")
-        meta.size = len(data)
-        meta.complete = True
-        self._write_meta(meta)
-        return meta
 
-    def put(self, data, *, content_type, file_name, kind=KIND_UPLOAD, owner="",
-            expires_at=None) -> StoredFile:
-        self._check_size(len(data))
-        meta = self.reserve(content_type=content_type, file_name=file_name, kind=kind, owner=owner,
-                            expires_at=expires_at)
-        return self.write(meta.id, data)
+        def finish(writer: _LocalWriter) -> StoredFile:
+            _link_new(writer.tmp, d / "data")
+            meta.size = writer.size
+            meta.complete = True
+            self._write_meta(meta)
+            return meta
 
-    def put_part(self, file_id, part_number, data) -> str:
-        if self.stat(file_id) is None:
-            raise StorageError("unknown upload")
+        return _LocalWriter(d / "data", self.max_file_bytes, finish)
+
+    def _part_sizes(self, file_id) -> dict[int, int]:
+        parts = self._dir(file_id) / "parts"
+        if not parts.is_dir():
+            return {}
+        return {int(p.name): p.stat().st_size for p in parts.iterdir() if p.name.isdigit()}
+
+    def open_part(self, file_id, part_number) -> FileWriter:
+        self._unfinished(file_id)
         if not 1 <= part_number <= self.max_parts:
             raise StorageError(f"part number must be 1..{self.max_parts}")
         parts = self._dir(file_id) / "parts"
         parts.mkdir(exist_ok=True)
-        used = sum(p.stat().st_size for p in parts.iterdir() if p.name != f"{part_number}")
-        self._check_size(used + len(data))
-        (parts / f"{part_number}").write_bytes(data)
-        return hashlib.md5(data).hexdigest()
+        others = sum(size for n, size in self._part_sizes(file_id).items() if n != part_number)
+        limit = None if self.max_file_bytes is None else max(0, self.max_file_bytes - others)
+
+        def finish(writer: _LocalWriter) -> str:
+            os.replace(writer.tmp, parts / f"{part_number}")
+            return writer.md5.hexdigest()
+
+        return _LocalWriter(parts / f"{part_number}", limit, finish)
 
     def complete_multipart(self, file_id, parts) -> StoredFile:
-        meta = self.stat(file_id)
-        if meta is None:
-            raise StorageError("unknown upload")
+        meta = self._unfinished(file_id)
+        parts = check_part_list(parts, self.max_parts)
         d = self._dir(file_id)
-        tmp = d / "data.tmp"
-        size = 0
-        with open(tmp, "wb") as out:
-            for number, etag in sorted(parts):
-                part = d / "parts" / f"{int(number)}"
-                if not part.exists():
-                    raise StorageError(f"part {number} was not uploaded")
-                data = part.read_bytes()
-                if etag and etag.strip('"') != hashlib.md5(data).hexdigest():
+        sizes = self._part_sizes(file_id)
+        for number, _ in parts:
+            if number not in sizes:
+                raise StorageError(f"part {number} was not uploaded")
+        try:
+            self._check_size(sum(sizes[n] for n, _ in parts))
+        except FileTooLarge:
+            self.delete(file_id)  # nothing of an upload over the limit is kept
+            raise
+        writer = _LocalWriter(d / "data", None, lambda w: w)
+        try:
+            for number, etag in parts:
+                md5 = hashlib.md5()
+                with open(d / "parts" / f"{number}", "rb") as part:
+                    while chunk := part.read(COPY_CHUNK):
+                        md5.update(chunk)
+                        writer.write(chunk)
+                if etag and etag.strip('"') != md5.hexdigest():
                     raise StorageError(f"part {number}: etag mismatch")
-                out.write(data)
-                size += len(data)
-        os.replace(tmp, d / "data")
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        _link_new(writer.tmp, d / "data")
         shutil.rmtree(d / "parts", ignore_errors=True)
-        meta.size = size
+        meta.size = writer.size
         meta.complete = True
         self._write_meta(meta)
         return meta

@@ -5,9 +5,13 @@ Object layout under ``s3://BUCKET/PREFIX``:
 * ``PREFIX<id>/<file_name>``  the bytes (with their Content-Type), so public URLs end in the name.
 * ``PREFIX<id>/meta.json``     the ``StoredFile`` record (written last: a file without it is
                                incomplete or a crash leftover).
-* ``PREFIX<id>/parts/<n>``     multipart parts until the upload completes.
+* ``PREFIX<id>/parts/<n>``     multipart parts until the upload completes, each with
+                               ``parts/<n>.md5`` (its ETag) written once the part is whole.
 * ``PREFIX_index/<kind>/<created-ms>-<id>``  empty objects listed in time order, so expiry
                                never lists the whole bucket.
+
+Each file object carries the Content-Type and Content-Disposition decided from its first bytes
+(``served_headers``), never the uploader's declared type, since the store serves it directly.
 
 URLs handed to clients are presigned GET URLs (``presign_expiry_s``) or, with
 ``public_base_url`` (a CDN or a public bucket), ``public_base_url/<key>``.
@@ -15,7 +19,6 @@ URLs handed to clients are presigned GET URLs (``presign_expiry_s``) or, with
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict
@@ -25,13 +28,20 @@ from urllib.parse import quote, unquote, urlsplit
 from .base import (
     FILE_ID_RE,
     KIND_UPLOAD,
+    SNIFF_BYTES,
+    FileTooLarge,
+    FileWriter,
     Storage,
     StorageError,
     StoredFile,
+    check_part_list,
+    served_headers,
 )
 
 # S3 refuses multipart parts below 5 MiB (except the last); smaller uploads are joined here.
 S3_MIN_PART_BYTES = 5 * 1024 * 1024
+# Bytes a writer holds before it sends them on as one part of an S3 multipart upload.
+S3_BUFFER_BYTES = 8 * 1024 * 1024
 INDEX_DIR = "_index"
 EXPIRING = "_expiring"  # index of files with an expiry time of their own
 
@@ -43,6 +53,60 @@ def parse_s3_url(url: str) -> tuple[str, str]:
         raise ValueError(f"not an s3://BUCKET[/PREFIX] URL: {url!r}")
     prefix = parts.path.strip("/")
     return parts.netloc, (prefix + "/") if prefix else ""
+
+
+class _S3Writer(FileWriter):
+    """Streams into one object: held in memory up to ``S3_BUFFER_BYTES``, sent on as parts of
+    an S3 multipart upload beyond that. ``served_name``: the object is a file to serve (its
+    headers come from its first bytes), not a part."""
+
+    def __init__(self, store: "S3Storage", key: str, limit, finish, served_name: Optional[str]):
+        super().__init__(limit)
+        self.store, self.key, self._finish, self.served_name = store, key, finish, served_name
+        self.buffer = bytearray()
+        self.upload_id: Optional[str] = None
+        self.done: list[dict] = []
+
+    def _object_args(self) -> dict:
+        if self.served_name is None:
+            return {}
+        headers = served_headers(bytes(self.buffer[:SNIFF_BYTES]), self.served_name)
+        return {"ContentType": headers["Content-Type"],
+                "ContentDisposition": headers["Content-Disposition"]}
+
+    def _write(self, chunk: bytes) -> None:
+        self.buffer += chunk
+        if len(self.buffer) >= S3_BUFFER_BYTES:
+            self._send(S3_BUFFER_BYTES)
+
+    def _send(self, n: int) -> None:
+        s3, bucket = self.store.s3, self.store.bucket
+        if self.upload_id is None:
+            self.upload_id = s3.create_multipart_upload(Bucket=bucket, Key=self.key,
+                                                        **self._object_args())["UploadId"]
+        number = len(self.done) + 1
+        r = s3.upload_part(Bucket=bucket, Key=self.key, UploadId=self.upload_id,
+                           PartNumber=number, Body=bytes(self.buffer[:n]))
+        self.done.append({"PartNumber": number, "ETag": r["ETag"]})
+        del self.buffer[:n]
+
+    def close(self):
+        s3, bucket = self.store.s3, self.store.bucket
+        if self.upload_id is None:
+            s3.put_object(Bucket=bucket, Key=self.key, Body=bytes(self.buffer), **self._object_args())
+        else:
+            if self.buffer:
+                self._send(len(self.buffer))
+            s3.complete_multipart_upload(Bucket=bucket, Key=self.key, UploadId=self.upload_id,
+                                         MultipartUpload={"Parts": self.done})
+        self.buffer = bytearray()
+        return self._finish(self)
+
+    def abort(self) -> None:
+        self.buffer = bytearray()
+        if self.upload_id is not None:
+            self.store.s3.abort_multipart_upload(Bucket=self.store.bucket, Key=self.key,
+                                                 UploadId=self.upload_id)
 
 
 class S3Storage(Storage):
@@ -119,10 +183,6 @@ class S3Storage(Storage):
         self.s3.put_object(Bucket=self.bucket, Key=self._meta_key(meta.id),
                            Body=json.dumps(asdict(meta)).encode(), ContentType="application/json")
 
-    def _check_size(self, size: int) -> None:
-        if self.max_file_bytes is not None and size > self.max_file_bytes:
-            raise StorageError(f"file larger than {self.max_file_bytes} bytes")
-
     def _list(self, prefix: str):
         for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
                                                                       Prefix=prefix):
@@ -145,89 +205,100 @@ class S3Storage(Storage):
         self._write_meta(meta)
         return meta
 
-    def write(self, file_id, data: bytes) -> StoredFile:
-        meta = self.stat(file_id)
-        if meta is None:
-            raise StorageError("unknown file")
-        self._check_size(len(data))
-        self.s3.put_object(Bucket=self.bucket, Key=self._data_key(meta), Body=data,
-                           ContentType=meta.content_type)
-        meta.size = len(data)
-        meta.complete = True
-        self._write_meta(meta)
-        return meta
+    def open_write(self, file_id) -> FileWriter:
+        meta = self._unfinished(file_id)
 
-    def put(self, data, *, content_type, file_name, kind=KIND_UPLOAD, owner="",
-            expires_at=None) -> StoredFile:
-        self._check_size(len(data))
-        meta = StoredFile.new(content_type=content_type, file_name=file_name, kind=kind, owner=owner,
-                              size=len(data), complete=True, expires_at=expires_at)
-        self._write_index(meta)
-        self.s3.put_object(Bucket=self.bucket, Key=self._data_key(meta), Body=data,
-                           ContentType=meta.content_type)
-        self._write_meta(meta)
-        return meta
+        def finish(writer: _S3Writer) -> StoredFile:
+            meta.size = writer.size
+            meta.complete = True
+            self._write_meta(meta)
+            return meta
 
-    def put_part(self, file_id, part_number, data) -> str:
-        if self.stat(file_id) is None:
-            raise StorageError("unknown upload")
+        return _S3Writer(self, self._data_key(meta), self.max_file_bytes, finish, meta.file_name)
+
+    def _part_sizes(self, file_id: str) -> dict[int, tuple[int, Optional[str]]]:
+        """Whole parts: number → (size, key of its MD5 record)."""
+        objects = {o["Key"].rsplit("/", 1)[-1]: o for o in self._list(self._base(file_id) + "parts/")}
+        return {int(name): (o["Size"], self._base(file_id) + f"parts/{name}.md5")
+                for name, o in objects.items() if name.isdigit() and f"{name}.md5" in objects}
+
+    def open_part(self, file_id, part_number) -> FileWriter:
+        self._unfinished(file_id)
         if not 1 <= part_number <= self.max_parts:
             raise StorageError(f"part number must be 1..{self.max_parts}")
-        own = self._part_key(file_id, part_number)
-        used = sum(o["Size"] for o in self._list(self._base(file_id) + "parts/") if o["Key"] != own)
-        self._check_size(used + len(data))
-        etag = hashlib.md5(data).hexdigest()
-        # The MD5 is kept as metadata: a provider's ETag is not always the MD5 (SSE-KMS).
-        self.s3.put_object(Bucket=self.bucket, Key=own, Body=data, Metadata={"md5": etag})
-        return etag
+        others = sum(size for n, (size, _) in self._part_sizes(file_id).items() if n != part_number)
+        limit = None if self.max_file_bytes is None else max(0, self.max_file_bytes - others)
+        key = self._part_key(file_id, part_number)
+        # The MD5 is our ETag (a provider's own is not always the MD5: SSE-KMS, multipart).
+        self.s3.delete_object(Bucket=self.bucket, Key=key + ".md5")
+
+        def finish(writer: _S3Writer) -> str:
+            etag = writer.md5.hexdigest()
+            self.s3.put_object(Bucket=self.bucket, Key=key + ".md5", Body=etag.encode())
+            return etag
+
+        return _S3Writer(self, key, limit, finish, None)
 
     def complete_multipart(self, file_id, parts) -> StoredFile:
-        meta = self.stat(file_id)
-        if meta is None:
-            raise StorageError("unknown upload")
-        ordered = sorted((int(n), str(e or "")) for n, e in parts)
+        meta = self._unfinished(file_id)
+        parts = check_part_list(parts, self.max_parts)
+        whole = self._part_sizes(file_id)
         sizes = []
-        for number, etag in ordered:
-            try:
-                head = self.s3.head_object(Bucket=self.bucket, Key=self._part_key(file_id, number))
-            except Exception as exc:  # noqa: BLE001 - botocore ClientError
-                if self._missing(exc):
-                    raise StorageError(f"part {number} was not uploaded") from None
-                raise
-            if etag and etag.strip('"') != head.get("Metadata", {}).get("md5"):
+        for number, etag in parts:
+            if number not in whole:
+                raise StorageError(f"part {number} was not uploaded")
+            size, md5_key = whole[number]
+            md5 = self.s3.get_object(Bucket=self.bucket, Key=md5_key)["Body"].read().decode()
+            if etag and etag.strip('"') != md5:
                 raise StorageError(f"part {number}: etag mismatch")
-            sizes.append(head["ContentLength"])
-        if not ordered:
-            raise StorageError("no parts")
+            sizes.append(size)
+        try:
+            self._check_size(sum(sizes))
+        except FileTooLarge:
+            self.delete(file_id)  # nothing of an upload over the limit is kept
+            raise
         key = self._data_key(meta)
-        if all(s >= S3_MIN_PART_BYTES for s in sizes[:-1]) and len(ordered) > 1:
-            # Joined inside the store: nothing large passes through this process.
-            up = self.s3.create_multipart_upload(Bucket=self.bucket, Key=key,
-                                                 ContentType=meta.content_type)
-            try:
-                done = []
-                for i, (number, _) in enumerate(ordered, start=1):
-                    r = self.s3.upload_part_copy(
-                        Bucket=self.bucket, Key=key, UploadId=up["UploadId"], PartNumber=i,
-                        CopySource={"Bucket": self.bucket, "Key": self._part_key(file_id, number)})
-                    done.append({"PartNumber": i, "ETag": r["CopyPartResult"]["ETag"]})
-                self.s3.complete_multipart_upload(Bucket=self.bucket, Key=key,
-                                                  UploadId=up["UploadId"],
-                                                  MultipartUpload={"Parts": done})
-            except Exception:
-                self.s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=up["UploadId"])
-                raise
+        part_keys = [self._part_key(file_id, n) for n, _ in parts]
+        if len(parts) > 1 and all(s >= S3_MIN_PART_BYTES for s in sizes[:-1]):
+            self._join_in_store(key, part_keys)
         else:
-            body = b"".join(
-                self.s3.get_object(Bucket=self.bucket, Key=self._part_key(file_id, n))["Body"].read()
-                for n, _ in ordered)
-            self.s3.put_object(Bucket=self.bucket, Key=key, Body=body,
-                               ContentType=meta.content_type)
+            # Small parts: streamed through a writer, never held whole.
+            writer = _S3Writer(self, key, None, lambda w: None, meta.file_name)
+            try:
+                for part_key in part_keys:
+                    body = self.s3.get_object(Bucket=self.bucket, Key=part_key)["Body"]
+                    for chunk in body.iter_chunks(1024 * 1024):
+                        writer.write(chunk)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
         self._delete_keys([o["Key"] for o in self._list(self._base(file_id) + "parts/")])
         meta.size = sum(sizes)
         meta.complete = True
         self._write_meta(meta)
         return meta
+
+    def _join_in_store(self, key: str, part_keys: list[str]) -> None:
+        """Joined inside the store: nothing large passes through this process."""
+        head = self.s3.get_object(Bucket=self.bucket, Key=part_keys[0],
+                                  Range=f"bytes=0-{SNIFF_BYTES - 1}")["Body"].read()
+        headers = served_headers(head, key.rsplit("/", 1)[-1])
+        up = self.s3.create_multipart_upload(Bucket=self.bucket, Key=key,
+                                             ContentType=headers["Content-Type"],
+                                             ContentDisposition=headers["Content-Disposition"])
+        try:
+            done = []
+            for i, part_key in enumerate(part_keys, start=1):
+                r = self.s3.upload_part_copy(
+                    Bucket=self.bucket, Key=key, UploadId=up["UploadId"], PartNumber=i,
+                    CopySource={"Bucket": self.bucket, "Key": part_key})
+                done.append({"PartNumber": i, "ETag": r["CopyPartResult"]["ETag"]})
+            self.s3.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=up["UploadId"],
+                                              MultipartUpload={"Parts": done})
+        except Exception:
+            self.s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=up["UploadId"])
+            raise
 
     def stat(self, file_id) -> Optional[StoredFile]:
         try:
@@ -290,23 +361,20 @@ class S3Storage(Storage):
     # --- URLs -------------------------------------------------------------------------------
     def file_url(self, meta: StoredFile) -> str:
         """The URL clients fetch the file from, without going through the API."""
-        return self._url(self._data_key(meta), meta.content_type)
+        return self._url(self._data_key(meta))
 
     def url_for_path(self, path: str) -> Optional[str]:
         """``file_url`` for a ``/files/<id>/<name>`` path (the form results keep), or None."""
         segments = path.split("/")
         if len(segments) != 4 or segments[1] != "files" or not FILE_ID_RE.match(segments[2]):
             return None
-        # The object keeps its Content-Type: no need to read the meta record here.
-        return self._url(f"{self.prefix}{segments[2]}/{segments[3]}", None)
+        # The object keeps its (safe) Content-Type: no need to read the meta record here.
+        return self._url(f"{self.prefix}{segments[2]}/{segments[3]}")
 
-    def _url(self, key: str, content_type: Optional[str]) -> str:
+    def _url(self, key: str) -> str:
         if self.public_base_url:
             return f"{self.public_base_url}/{quote(key)}"
-        params = {"Bucket": self.bucket, "Key": key}
-        if content_type:
-            params["ResponseContentType"] = content_type
-        return self.s3.generate_presigned_url("get_object", Params=params,
+        return self.s3.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key},
                                               ExpiresIn=self.presign_expiry_s)
 
     def file_id_from_url(self, url: str) -> Optional[str]:

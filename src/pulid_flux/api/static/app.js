@@ -4,6 +4,9 @@ import { snippet } from "./snippets.js";
 
 const ENDPOINT = "fal-ai/flux-pulid";
 const BASE = window.location.origin;
+// The key lives in sessionStorage: this tab only, gone when it closes. A page of this origin
+// opened later (a shared link, another tab) never finds it; localStorage would hand it to every
+// one of them, forever. Uploaded files cannot read either: they are served sandboxed.
 const KEY_STORE = "pulid-flux:api-key";
 const HISTORY_STORE = "pulid-flux:history";
 const INPUTS_STORE = "pulid-flux:inputs";
@@ -24,6 +27,7 @@ export const DEFAULTS = {
   sync_mode: false,
   num_images: 1,
   output_format: "jpeg",
+  acceleration: "none",
   end_step: null,
   face_index: null,
   seed: null,
@@ -47,7 +51,7 @@ class ApiError extends Error {
 }
 
 function apiKey() {
-  return localStorage.getItem(KEY_STORE) || "";
+  return sessionStorage.getItem(KEY_STORE) || "";
 }
 
 async function api(path, options = {}) {
@@ -215,6 +219,8 @@ function collectInput() {
   input.enable_safety_checker = $("enable_safety_checker").checked;
   if ($("sync_mode").checked) input.sync_mode = true;
   input.output_format = $("output_format").value;
+  const acceleration = $("acceleration").value;
+  if (acceleration !== DEFAULTS.acceleration) input.acceleration = acceleration;
   const more = $("reference_image_urls").value.split("\n").map((s) => s.trim()).filter(Boolean);
   if (more.length) input.reference_image_urls = more;
   if ($("enable_previews").checked) {
@@ -766,14 +772,15 @@ async function checkHealth() {
 function setupKey() {
   const input = $("api-key");
   const state = () => {
-    $("key-state").textContent = apiKey() ? "(saved in this browser)" : "(none set)";
+    $("key-state").textContent = apiKey() ? "(kept in this tab)" : "(none set)";
   };
+  localStorage.removeItem(KEY_STORE); // where earlier versions kept it
   input.value = apiKey();
   state();
   const save = () => {
     const value = input.value.trim();
-    if (value) localStorage.setItem(KEY_STORE, value);
-    else localStorage.removeItem(KEY_STORE);
+    if (value) sessionStorage.setItem(KEY_STORE, value);
+    else sessionStorage.removeItem(KEY_STORE);
     $("err-api-key").textContent = "";
     input.removeAttribute("aria-invalid");
     state();
@@ -785,7 +792,7 @@ function setupKey() {
     if (apiKey()) $("key-box").open = false;
   });
   $("key-forget").addEventListener("click", () => {
-    localStorage.removeItem(KEY_STORE);
+    sessionStorage.removeItem(KEY_STORE);
     input.value = "";
     state();
   });

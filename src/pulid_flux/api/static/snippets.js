@@ -45,7 +45,8 @@ function curl(base, input) {
 
 function python(base, input) {
   return [
-    "# pip install fal-client   (export FAL_KEY=… when the server has API keys)",
+    "# pip install fal-client; export FAL_KEY=<an API key of the server> (any value when it has none:",
+    "# the client refuses to start without one)",
     "import fal_client",
     "import fal_client.client as fc",
     "",

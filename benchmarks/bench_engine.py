@@ -2,11 +2,19 @@
 
   overhead   seconds per transformer call: PuLID (ID active) / plain diffusers FLUX, at full width
              3072 with 2 double + 4 single blocks and 256x256 (target <= 1.05). Runs on CPU or GPU.
+  loop       the denoising loop (true CFG 4, ID from step 0) against its transformer calls timed
+             one by one: loop seconds / (calls x seconds of one call), target <= 1.02; what the
+             loop adds around the model (hooks, CFG, Euler steps, Python). Runs on CPU or GPU.
+  vae        FLUX's VAE decode at 1024x768 in pure bf16 and the official way (fp32 weights under
+             bf16 autocast), and the difference as a share of a request of --request-s seconds
+             (the official precision is kept unless it costs > 2 %). Needs a CUDA GPU.
   full       full-size FLUX.1-dev + PuLID with random weights, 1024x768, 20 steps: s/image and peak
              VRAM per memory mode (targets on an H100: <= 2.2 s bf16, <= 1.5 s fp8). Needs a CUDA GPU.
 
   python benchmarks/bench_engine.py overhead [--repeats 3]
-  python benchmarks/bench_engine.py full [--modes bf16,fp8,offload,fp8+offload] [--compile]
+  python benchmarks/bench_engine.py loop [--width 1024] [--steps 4] [--repeats 5]
+  python benchmarks/bench_engine.py vae [--request-s 1.5]
+  python benchmarks/bench_engine.py full [--modes bf16,fp8,fp8-fast,offload,fp8+offload] [--compile]
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from diffusers import FluxTransformer2DModel
 
 from pulid_flux.engine.injection import IDInjector
 from pulid_flux.engine.pulid import IDFormer, PuLIDModules
-from pulid_flux.engine.sampling import image_ids, latent_size
+from pulid_flux.engine.sampling import TextConditioning, denoise, get_schedule, image_ids, latent_size
 
 FULL_WIDTH_CONFIG = dict(
     patch_size=1, in_channels=64, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
@@ -102,6 +110,81 @@ def overhead(args) -> None:
 
 
 @torch.inference_mode()
+def loop(args) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    config = FULL_WIDTH_CONFIG | dict(num_attention_heads=args.width // 128)
+    transformer = FluxTransformer2DModel(num_layers=2, num_single_layers=4, **config).to(device, dtype)
+    pulid = PuLIDModules.for_transformer(transformer, IDFormer()).to(device, dtype)
+    injector = IDInjector(transformer, pulid.pulid_ca)
+    inputs = transformer_inputs(args.size, args.size, 128, device, dtype)
+    img, img_ids = inputs["hidden_states"], inputs["img_ids"]
+    cond, neg = (TextConditioning(torch.randn_like(inputs["encoder_hidden_states"]), inputs["txt_ids"],
+                                  torch.randn_like(inputs["pooled_projections"])) for _ in range(2))
+    id_tokens, uncond = torch.randn(2, 1, 32, 2048, device=device, dtype=dtype)
+    timesteps = get_schedule(args.steps, img.shape[1])
+    calls = []
+    transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+
+    def run_loop():
+        denoise(transformer, injector, img, img_ids, timesteps, cond, guidance=4.0, id_tokens=id_tokens,
+                true_cfg=4.0, neg_cond=neg, uncond_id_tokens=uncond)
+
+    def one_call():
+        with injector.inject(id_tokens, 1.0):
+            transformer(**inputs)
+
+    run_loop()
+    n_calls = len(calls)  # the positive pass every step, the negative one from step 1
+    one_call()
+    rounds = [(seconds(run_loop), seconds(one_call)) for _ in range(args.repeats)]
+    ratios = sorted(loop_s / (n_calls * call_s) for loop_s, call_s in rounds)
+    loop_s = statistics.median(r[0] for r in rounds)
+    call_s = statistics.median(r[1] for r in rounds)
+    print(f"\nDenoising loop vs its transformer calls on {machine()} ({dtype}), median of {args.repeats} "
+          f"interleaved rounds")
+    print(f"width {args.width}, 2 double + 4 single blocks, {args.size}x{args.size}, {args.steps} steps, "
+          f"true CFG 4 ({n_calls} calls), ID from step 0\n")
+    print("| loop (s) | one call (s) | loop / (calls x call) | min..max of rounds | target |\n|---|---|---|---|---|")
+    print(f"| {loop_s:.3f} | {call_s:.4f} | {statistics.median(ratios):.3f} | {ratios[0]:.3f}..{ratios[-1]:.3f} "
+          f"| <= 1.02 |")
+
+
+@torch.inference_mode()
+def vae(args) -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("the VAE precision benchmark needs a CUDA GPU (on a CPU the VAE runs in fp32 anyway)")
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    model = AutoencoderKL(  # FLUX.1-dev's autoencoder, random weights
+        latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        use_quant_conv=False, use_post_quant_conv=False,
+    ).cuda().eval()
+    latents = torch.randn(1, 16, 96, 128, device="cuda")  # 1024x768
+
+    def official():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model.decode(latents).sample
+
+    def pure_bf16():
+        model.decode(latents.bfloat16()).sample
+
+    model.float()
+    fp32_autocast = seconds_per_call(official, args.repeats)
+    model.bfloat16()
+    bf16 = seconds_per_call(pure_bf16, args.repeats)
+    extra = fp32_autocast - bf16
+    print(f"\nFLUX VAE decode at 1024x768 on {machine()}, median of {args.repeats}\n")
+    print("| decode | s | extra per request | share of a {:.2f} s request |\n|---|---|---|---|".format(args.request_s))
+    print(f"| pure bf16 | {bf16:.4f} | | |")
+    print(f"| fp32 weights, bf16 autocast (official) | {fp32_autocast:.4f} | {extra * 1000:+.1f} ms "
+          f"| {100 * extra / args.request_s:+.2f} % (keep if <= 2 %) |")
+
+
+@torch.inference_mode()
 def full(args) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("the full-size benchmark needs a CUDA GPU")
@@ -118,8 +201,9 @@ def full(args) -> None:
     def measure(mode: str) -> tuple[str, float, float]:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        fp8 = "fast" if "fp8-fast" in mode else "weights" if "fp8" in mode else None
         pipe = PuLIDFluxPipeline.from_preset(
-            "flux-dev-random", fp8="fp8" in mode, offload="offload" in mode, compile=args.compile
+            "flux-dev-random", fp8=fp8, offload="offload" in mode, compile=args.compile
         )
         seconds = seconds_per_call(lambda: pipe(request), args.repeats)  # the warm-up also compiles
         return mode, seconds, torch.cuda.max_memory_allocated() / 2**30
@@ -138,8 +222,18 @@ def main() -> None:
     p = sub.add_parser("overhead")
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(run=overhead)
+    p = sub.add_parser("loop")
+    p.add_argument("--width", type=int, default=1024, help="transformer width (a multiple of 128)")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=5)
+    p.set_defaults(run=loop)
+    p = sub.add_parser("vae")
+    p.add_argument("--request-s", type=float, default=1.5, help="seconds of one request (bf16 + compile target)")
+    p.add_argument("--repeats", type=int, default=10)
+    p.set_defaults(run=vae)
     p = sub.add_parser("full")
-    p.add_argument("--modes", default="bf16,fp8,offload,fp8+offload")
+    p.add_argument("--modes", default="bf16,fp8,fp8-fast,offload,fp8+offload")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(run=full)

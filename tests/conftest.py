@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+# Before anything loads torch: parity with the reference fixtures needs MKL's math path pinned
+# (see pulid_flux/engine/parity.py); test subprocesses inherit it.
+from pulid_flux.engine.parity import pin_cpu_math_paths
+
+assert pin_cpu_math_paths(), "torch was imported before tests/conftest.py could pin MKL's math path"
+
 # --- service fixtures (API, queue, workers, live `pulid-flux serve`) ---------------------------
 
 import base64 as _base64

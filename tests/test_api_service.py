@@ -293,9 +293,11 @@ def test_health_metrics_docs(api, body):
     from pulid_flux.queue.base import WorkerInfo
 
     svc(api).queue.register_worker(WorkerInfo(worker_id="w", pid=1, model="tiny",
-                                              random_weights=True, state="ready"))
+                                              random_weights=True, precision="fp8 weights, bf16 compute",
+                                              state="ready"))
     h = api.get("/health").json()
     assert h["ready"] is True and h["model"] == "tiny (random weights)" and h["random_weights"]
+    assert h["workers"][0]["precision"] == "fp8 weights, bf16 compute"  # which fp8 mode is serving
     api.post(EP, json=body)
     m = api.get("/metrics")
     assert m.status_code == 200

@@ -97,6 +97,12 @@ def test_long_side_capped_with_aspect_ratio():
     assert normalize_image(Image.new("RGB", (1024, 700))).size == (1024, 700)  # not upscaled
 
 
+def test_long_side_truncated_as_the_official_resize():
+    # official resize_numpy_image_long: k = 1024 / 1122, int(1122 * k) == 1023, not 1024
+    assert normalize_image(Image.new("RGB", (1122, 700))).size == (1023, 638)
+    assert normalize_image(Image.new("RGB", (700, 1122))).size == (638, 1023)
+
+
 def test_too_small_image_is_refused():
     with pytest.raises(ValueError, match="too small"):
         normalize_image(Image.new("RGB", (MIN_IMAGE_SIDE - 1, 500)))

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import skimage.data
+import torch
 from PIL import Image
 from test_quiet import assert_no_library_warnings
 
@@ -184,8 +185,63 @@ def test_generate_command_writes_the_image_and_prints_the_seed(tmp_path, face):
 def test_gpu_only_modes_and_unknown_models_are_refused_clearly():
     with pytest.raises(ValueError, match="unknown model"):
         PuLIDFluxPipeline.from_preset("flux-schnell")
-    with pytest.raises(ValueError, match="need a CUDA device"):
-        PuLIDFluxPipeline.from_preset("tiny", device="cpu", fp8=True)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        PuLIDFluxPipeline.from_preset("tiny", device="cpu", offload=True)
+    with pytest.raises(ValueError, match="compute capability 8.9"):
+        PuLIDFluxPipeline.from_preset("tiny", device="cpu", fp8="fast")
+    with pytest.raises(ValueError, match="unknown fp8 mode"):
+        PuLIDFluxPipeline.from_preset("tiny", device="cpu", fp8="yes")
+
+
+def test_fp8_modes_select_torchao_configs():
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig
+
+    from pulid_flux.engine.presets import fp8_config
+
+    assert type(fp8_config("weights")) is Float8WeightOnlyConfig  # the official --fp8: weights only
+    fast = fp8_config("fast")
+    assert type(fast) is Float8DynamicActivationFloat8WeightConfig and "PerRow" in repr(fast.granularity)
+
+
+def test_fp8_flags_reach_the_workers():
+    import argparse
+
+    from pulid_flux.config import Settings
+    from pulid_flux.engine.options import add_engine_arguments
+    from pulid_flux.server import WorkerSupervisor
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    assert [parser.parse_args(a).fp8 for a in ([], ["--fp8"], ["--fp8-fast"])] == [None, "weights", "fast"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--fp8", "--fp8-fast"])
+    assert Settings(fp8="true").fp8 == "weights" and Settings(fp8="false").fp8 is None  # the old boolean
+    for mode, flag in (("weights", "--fp8"), ("fast", "--fp8-fast")):
+        command = WorkerSupervisor(Settings(fp8=mode), 1)._command("w")
+        assert flag in command and {"--fp8", "--fp8-fast"} - {flag} & set(command) == set()
+
+
+def test_weight_only_fp8_runs_on_the_cpu(pipe, face):
+    fp8 = PuLIDFluxPipeline.from_preset("tiny", device="cpu", fp8="weights")
+    weight = fp8.transformer.transformer_blocks[0].ff.net[2].weight
+    assert type(weight).__name__ == "Float8Tensor" and weight.qdata.dtype == torch.float8_e4m3fn
+    assert fp8.precision == "fp8 weights, fp32 compute" and pipe.precision == "fp32"
+    assert all(type(p) is torch.nn.Parameter for p in fp8.pulid.parameters())  # PuLID stays unquantised
+    a, b = pixels(pipe(request(face)))[0], pixels(fp8(request(face)))[0]
+    assert a.shape == b.shape and 0 < np.abs(a.astype(int) - b).mean() < 8  # close, not identical
+
+
+def test_vae_decodes_with_fp32_weights_under_autocast(face):
+    bf16 = PuLIDFluxPipeline.from_preset("tiny", device="cpu", dtype=torch.bfloat16)
+    vae = bf16.flux.vae
+    assert bf16.transformer.dtype == torch.bfloat16 and vae.dtype == torch.float32
+    dtypes = {}
+    vae.decoder.conv_in.register_forward_hook(lambda m, args, out: dtypes.update(latents=args[0].dtype))
+    vae.decoder.register_forward_hook(lambda m, args, out: dtypes.update(out=out.dtype))
+    assert bf16(request(face)).images[0].size == (128, 96)
+    # the official bf16 autocast: the scale/shift in fp32, the convolutions (and the output) in bf16;
+    # CUDA's autocast also keeps GroupNorm in fp32 (CPU's policy runs it in bf16)
+    assert dtypes == {"latents": torch.float32, "out": torch.bfloat16} and vae.dtype == torch.float32
 
 
 def test_flux_dev_without_weights_names_the_missing_files(tmp_path):

@@ -403,9 +403,10 @@ def test_delete_and_deleted_counts_as_cancelled(q):
 def test_worker_registry_and_liveness(q):
     q.register_worker(WorkerInfo(worker_id="a", pid=11, model="tiny", device="cpu", state="loading"))
     q.register_worker(WorkerInfo(worker_id="b", pid=12, model="tiny", random_weights=True))
-    q.register_worker(WorkerInfo(worker_id="a", pid=11, model="tiny", device="cpu", state="ready"))
+    q.register_worker(WorkerInfo(worker_id="a", pid=11, model="tiny", device="cpu", precision="fp32", state="ready"))
     ws = {w.worker_id: w for w in q.workers()}
     assert set(ws) == {"a", "b"} and ws["a"].state == "ready" and ws["b"].random_weights
+    assert ws["a"].precision == "fp32" and ws["b"].precision == ""
     assert ws["a"].pid == 11 and ws["a"].device == "cpu" and ws["a"].heartbeat_at > 0
     time.sleep(0.6)
     q.heartbeat("a")

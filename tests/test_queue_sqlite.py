@@ -174,7 +174,7 @@ def test_concurrent_claims_never_share_a_request(tmp_path):
 def test_a_database_of_an_older_version_gets_the_new_columns(tmp_path):
     import sqlite3
 
-    from pulid_flux.queue.sqlite import ADDED_COLUMNS, SCHEMA
+    from pulid_flux.queue.sqlite import ADDED_COLUMNS, ADDED_WORKER_COLUMNS, SCHEMA
 
     path = tmp_path / "old.sqlite3"
     old_schema = SCHEMA
@@ -190,6 +190,8 @@ def test_a_database_of_an_older_version_gets_the_new_columns(tmp_path):
     db.close()
     q = SQLiteQueue(path)
     assert q.get("old").max_attempts is None
+    q.register_worker(WorkerInfo(worker_id="w", pid=1, precision="bf16"))
+    assert q.workers()[0].precision == "bf16"
     assert q.claim("w", "ep").id == "old"
     assert q.get(q.submit("ep", {}, max_attempts=1).id).max_attempts == 1
     q.register_worker(WorkerInfo(worker_id="w2", pid=1, state="failed", error="no weights"))

@@ -5,9 +5,9 @@ from safetensors.torch import save_file
 
 from pulid_flux.engine.pulid import IDFormer, PuLIDModules
 from pulid_flux.engine.weights import (
-    FLUX_VAE_CONFIG,
     CheckpointMismatchError,
     bfl_to_diffusers,
+    bfl_vae_config,
     bfl_vae_to_diffusers,
     load_flux_transformer,
     load_flux_vae,
@@ -203,25 +203,26 @@ def bfl_ae_shapes(ch_mult=(1, 2), ch=32, z=16, num_res=2):
     return s
 
 
-def test_flux_vae_config_values():
-    assert FLUX_VAE_CONFIG["latent_channels"] == 16
-    assert FLUX_VAE_CONFIG["scaling_factor"] == 0.3611 and FLUX_VAE_CONFIG["shift_factor"] == 0.1159
-    assert list(FLUX_VAE_CONFIG["block_out_channels"]) == [128, 256, 512, 512]
-    assert not FLUX_VAE_CONFIG["use_quant_conv"] and not FLUX_VAE_CONFIG["use_post_quant_conv"]
+def test_flux_vae_config_is_read_off_the_weights():
     with torch.device("meta"):
-        full = AutoencoderKL(**FLUX_VAE_CONFIG)
         bfl = {k: torch.empty(s) for k, s in bfl_ae_shapes(ch_mult=(1, 2, 4, 4), ch=128).items()}
-    converted = bfl_vae_to_diffusers(bfl)
+        config = bfl_vae_config(bfl)
+        full = AutoencoderKL(**config)
+    # FLUX.1-dev's released autoencoder
+    assert list(config["block_out_channels"]) == [128, 256, 512, 512] and config["layers_per_block"] == 2
+    assert config["latent_channels"] == 16 and len(config["up_block_types"]) == 4
+    assert config["scaling_factor"] == 0.3611 and config["shift_factor"] == 0.1159
+    assert not config["use_quant_conv"] and not config["use_post_quant_conv"] and config["mid_block_add_attention"]
+    converted, _ = bfl_vae_to_diffusers(bfl)
     assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in full.state_dict().items()}
 
 
 def test_bfl_vae_conversion_loads_and_decodes(tmp_path):
-    config = FLUX_VAE_CONFIG | {"block_out_channels": [32, 64], "down_block_types": ["DownEncoderBlock2D"] * 2,
-                                "up_block_types": ["UpDecoderBlock2D"] * 2}  # fmt: skip
     g = torch.Generator().manual_seed(0)
     bfl = {k: torch.randn(s, generator=g) * 0.05 for k, s in bfl_ae_shapes().items()}
     save_file(bfl, str(tmp_path / "ae.safetensors"))
-    vae = load_flux_vae(tmp_path / "ae.safetensors", config=config)
+    vae = load_flux_vae(tmp_path / "ae.safetensors")  # two levels, width 32/64: read off the weights
+    assert list(vae.config.block_out_channels) == [32, 64]
     state = vae.state_dict()
     assert torch.equal(state["decoder.up_blocks.0.resnets.2.conv1.weight"], bfl["decoder.up.1.block.2.conv1.weight"])
     q_conv = bfl["encoder.mid.attn_1.q.weight"]
@@ -271,9 +272,7 @@ def test_bfl_single_files_and_pulid_v090_chosen_by_setting_load(tmp_path, monkey
     transformer = load_flux_transformer(paths.flux_transformer, dtype=torch.float32)
     assert transformer.config.num_layers == 1 and transformer.config.attention_head_dim == 128
     assert not any(p.is_meta for p in transformer.parameters())
-    small_vae = FLUX_VAE_CONFIG | {"block_out_channels": [32, 64], "down_block_types": ["DownEncoderBlock2D"] * 2,
-                                   "up_block_types": ["UpDecoderBlock2D"] * 2}  # fmt: skip
-    vae = load_flux_vae(paths.flux_ae, config=small_vae)
-    assert vae.config.latent_channels == 16
+    vae = load_flux_vae(paths.flux_ae)  # its (small) size is read off the weights
+    assert vae.config.latent_channels == 16 and list(vae.config.block_out_channels) == [32, 64]
     load_pulid_checkpoint(modules, paths.pulid_checkpoint)
     torch.testing.assert_close(modules.state_dict()["pulid_ca.0.to_q.weight"], ckpt["pulid_ca.0.to_q.weight"].float())

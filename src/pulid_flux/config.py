@@ -87,7 +87,10 @@ class Settings(BaseSettings):
         2.0, ge=0, description="Free disk space `pulid-flux download` wants beyond the bytes it will write."
     )
     offload: bool = False
-    fp8: bool = False
+    fp8: Optional[Literal["weights", "fast"]] = Field(
+        None, description="fp8 transformer: weights (weight-only, the official --fp8) or fast (fp8 "
+        "activations too, CUDA sm89+). Default: off. true/false are read as weights/off.",
+    )
     compile: bool = False
     batch_cfg: Optional[bool] = Field(
         None, description="True CFG's prompt and negative passes in one batch-2 transformer call (faster, "
@@ -102,6 +105,14 @@ class Settings(BaseSettings):
         "reports ready, so that the first request does not pay for compilation and lazy set-up.",
     )
     local_workers: int = Field(1, ge=0, le=16, description="Workers `serve` starts and supervises.")
+    worker_threads: int = Field(
+        0, ge=0, le=1024, description="CPU threads of a worker's torch ops (OpenMP and MKL); 0: one "
+        "per core. Set before torch loads.",
+    )
+    worker_omp_wait_policy: Literal["passive", "active"] = Field(
+        "passive", description="OpenMP's idle-thread policy in a worker: passive threads sleep between "
+        "ops; active ones spin and take CPU time from the API process and from each other.",
+    )
     worker_restart_backoff_max_s: float = Field(
         30.0, gt=0, description="Longest wait before restarting a worker that keeps crashing."
     )
@@ -327,6 +338,15 @@ class Settings(BaseSettings):
     )
     webhook_max_delay_s: float = Field(1800.0, gt=0, description="Longest wait between tries.")
     webhook_timeout_s: float = Field(15.0, gt=0, description="Time allowed for one attempt.")
+
+    @field_validator("fp8", mode="before")
+    @classmethod
+    def _fp8_mode(cls, value):
+        # the flag used to be a boolean
+        text = str(value).strip().lower() if value is not None else ""
+        if text in ("", "0", "false", "no", "off", "none"):
+            return None
+        return "weights" if text in ("1", "true", "yes", "on") else value
 
     @field_validator("api_keys", "cors_origins", "fetch_allowed_private_cidrs", "allowed_hosts",
                      mode="before")

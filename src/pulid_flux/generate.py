@@ -124,8 +124,8 @@ def run(args: argparse.Namespace) -> int:
     from .worker import choose_model
 
     model = choose_model(args.model)
-    if (args.fp8 or args.offload) and not _is_cuda(args.device):
-        raise InputError("--fp8 and --offload need a CUDA device")
+    if (args.fp8 == "fast" or args.offload) and not _is_cuda(args.device):
+        raise InputError("--fp8-fast and --offload need a CUDA device")  # weight-only --fp8 runs anywhere
     print(f"loading model {model}", flush=True)
     pipe = PuLIDFluxPipeline.from_preset(model, **engine_options(args))
     request = GenerationRequest(

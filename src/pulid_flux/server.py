@@ -111,7 +111,8 @@ class WorkerSupervisor:
                             ("--storage-url", s.storage_url)):
             if value:
                 cmd += [flag, str(value)]
-        for flag, value in (("--offload", s.offload), ("--fp8", s.fp8), ("--compile", s.compile)):
+        for flag, value in (("--offload", s.offload), ("--fp8", s.fp8 == "weights"),
+                            ("--fp8-fast", s.fp8 == "fast"), ("--compile", s.compile)):
             if value:
                 cmd.append(flag)
         return cmd

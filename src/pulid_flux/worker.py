@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -76,6 +77,23 @@ def settings_from_args(args: argparse.Namespace):
         if value is not None:
             overrides[name] = value
     return Settings(**overrides)
+
+
+def apply_cpu_thread_settings(settings) -> None:
+    """The worker's OpenMP wait policy and thread count. libgomp reads them once, when torch loads
+    it, so this runs before anything imports torch (nothing has, in a worker started by the CLI)."""
+    threads = str(settings.worker_threads) if settings.worker_threads else None
+    if "torch" in sys.modules:  # an in-process worker (tests): only the thread count can still change
+        import torch
+
+        if threads:
+            torch.set_num_threads(settings.worker_threads)
+        log.warning("torch was loaded before the worker started: OMP_WAIT_POLICY=%s not applied",
+                    settings.worker_omp_wait_policy)
+        return
+    os.environ["OMP_WAIT_POLICY"] = settings.worker_omp_wait_policy.upper()
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads
 
 
 def choose_model(requested: Optional[str]) -> str:
@@ -180,7 +198,9 @@ class Worker:
             self.queue.register_worker(WorkerInfo(
                 worker_id=self.worker_id, pid=os.getpid(), model=self.model_name,
                 random_weights=bool(getattr(self.pipe, "is_random_weights", False)),
-                device=str(getattr(self.pipe, "device", "")), state=state, error=self.load_error,
+                device=str(getattr(self.pipe, "device", "")),
+                precision=str(getattr(self.pipe, "precision", "")), state=state,
+                error=self.load_error,
             ))
         except Exception:  # noqa: BLE001 - the registry is advisory; a full disk must not kill us
             log.exception("could not record worker state %s", state)
@@ -549,6 +569,7 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s worker %(levelname)s %(message)s")
+    apply_cpu_thread_settings(settings)
     queue = open_queue(None, settings)
     storage = open_storage(None, settings)
     worker = Worker(settings, queue, storage, worker_id=args.worker_id, parent_pid=args.parent_pid)

@@ -318,7 +318,7 @@ def create_app(settings: Optional[Settings] = None, *, services: Optional[Servic
             "ready": bool(ready), "model_error": model_error,
             "workers": [{"id": w.worker_id, "state": w.state, "model": w.model,
                          "random_weights": w.random_weights, "device": w.device,
-                         "error": w.error or None} for w in workers],
+                         "precision": w.precision, "error": w.error or None} for w in workers],
             "workers_alive": len(workers),
             "queue": {"in_queue": int(stats.get("state_IN_QUEUE", 0)),
                       "in_progress": int(stats.get("state_IN_PROGRESS", 0))},

@@ -84,9 +84,9 @@ def normalize_image(img: Image.Image, max_side: int = MAX_IMAGE_SIDE) -> Image.I
     long_side = max(w, h)
     if long_side > max_side:
         k = max_side / long_side
-        # the long side is pinned to max_side; the official int(h * k) can land one short of it
-        new_w = max_side if w >= h else max(1, int(w * k))
-        new_h = max_side if h > w else max(1, int(h * k))
+        # both sides truncated as the official resize_numpy_image_long does: the long side can
+        # land one short of max_side (e.g. 3000 -> 1023), and the face step sees exactly that
+        new_w, new_h = max(1, int(w * k)), max(1, int(h * k))
         arr = cv2.resize(np.asarray(img), (new_w, new_h), interpolation=cv2.INTER_LANCZOS4)
         img = Image.fromarray(arr, "RGB")
     return img

@@ -16,6 +16,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: $PULID_FLUX_WEIGHTS_DIR, else ~/.cache/pulid-flux)")
     parser.add_argument("--offload", action="store_true", default=None,
                         help="model CPU offload of the FLUX parts (less VRAM, slower)")
-    parser.add_argument("--fp8", action="store_true", default=None, help="fp8 transformer (CUDA, torchao)")
+    fp8 = parser.add_mutually_exclusive_group()
+    fp8.add_argument("--fp8", dest="fp8", action="store_const", const="weights", default=None,
+                     help="fp8 transformer weights, compute in bf16 (torchao; the official --fp8)")
+    fp8.add_argument("--fp8-fast", dest="fp8", action="store_const", const="fast",
+                     help="fp8 weights and activations on fp8 tensor cores (CUDA sm89+): faster, "
+                     "further from the official images")
     parser.add_argument("--compile", action="store_true", default=None,
                         help="torch.compile the transformer's repeated blocks")

@@ -46,7 +46,7 @@ class PipelineOptions:
     dtype: Optional[torch.dtype] = None  # None: bfloat16 on CUDA, float32 on CPU
     weights_dir: Optional[str] = None  # flux-dev only; see engine/download.py
     offload: bool = False  # keep FLUX components in CPU RAM, move each to the GPU only while it runs
-    fp8: bool = False  # fp8 transformer weights (torchao), CUDA only
+    fp8: Optional[str] = None  # None, "weights" (weight-only, the official --fp8) or "fast" (+ fp8 activations)
     compile: bool = False  # torch.compile the transformer's repeated blocks
     batch_cfg: Optional[bool] = None  # true CFG's two passes in one batch-2 call; None: yes unless offload
     seed: int = 0  # tiny preset only: the random weights' seed
@@ -75,6 +75,7 @@ class PuLIDFluxPipeline:
         is_random_weights: bool,
         device: torch.device,
         dtype: torch.dtype,
+        precision: str = "",
         id_cache_size: int = 0,
         batch_cfg: bool = True,
     ):
@@ -87,6 +88,7 @@ class PuLIDFluxPipeline:
         self.is_random_weights = is_random_weights
         self.device = device
         self.dtype = dtype
+        self.precision = precision or DTYPE_NAMES.get(dtype, str(dtype))  # reported in /health
         self.batch_cfg = batch_cfg
         # Hooks stay inert unless an ID is active, so the transformer is still plain FLUX elsewhere.
         self.injector = IDInjector(self.transformer, pulid.pulid_ca)
@@ -216,12 +218,24 @@ class PuLIDFluxPipeline:
     def decode(self, latents: torch.Tensor, width: int, height: int) -> list[Image.Image]:
         vae = self.flux.vae
         latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        pixels = vae.decode(latents, return_dict=False)[0]
-        # clamp, then truncate to 8 bits as the official code does (diffusers would round)
-        pixels = (127.5 * (pixels.float().clamp(-1, 1) + 1)).to(torch.uint8)
+        # The official precision: fp32 VAE weights, run under autocast in the model dtype, so the
+        # convolutions run in bf16 on a GPU while GroupNorm and the scale/shift above stay fp32.
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != vae.dtype):
+            pixels = vae.decode(latents, return_dict=False)[0]
+        pixels = to_uint8(pixels)
         # the latent grid is rounded up to 16 px: crop back to the requested size
         pixels = pixels[:, :, :height, :width].permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]
+
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """Decoder output in [-1, 1] to bytes as the official code does: clamp and scale in the
+    decoder's own output dtype, then truncate. In fp32 that truncates; in bf16 (the GPU's autocast
+    output) 127.5 * (x + 1) first lands on bf16's grid (spacing 1 from 128 up), so it mostly rounds."""
+    return (127.5 * (pixels.clamp(-1, 1) + 1.0)).to(torch.uint8)
 
 
 def _image_key(image: Image.Image, face_index: Optional[int]) -> bytes:

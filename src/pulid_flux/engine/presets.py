@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, FluxPipeline
 from .eva import build_eva, load_eva_checkpoint
 from .face import FaceEncoder, build_bisenet, build_insightface_analyzer, build_tiny_face_analyzer
 from .face import load_bisenet_checkpoint
-from .pipeline import PipelineOptions, PuLIDFluxPipeline
+from .pipeline import DTYPE_NAMES, PipelineOptions, PuLIDFluxPipeline
 from .pulid import IDFormer, PuLIDModules
 from .tiny_flux import TINY_HEADS, TINY_WIDTH, build_tiny_flux
 
@@ -125,39 +125,69 @@ def build_flux_dev_random(options: PipelineOptions) -> PuLIDFluxPipeline:
     return _assemble(flux, pulid, face, None, "flux-dev-random", True, options)
 
 
+# fp8 modes of the transformer (torchao), as `--fp8` / `--fp8-fast` name them; the value is /health's label.
+FP8_MODES = {
+    # the official --fp8 semantics (XLabs' quanto qfloat8 checkpoint): e4m3 weights with a scale per
+    # output channel, dequantised for matmuls in the model dtype; halves the weights, runs anywhere
+    "weights": "fp8 weights",
+    # fp8 weights and dynamically quantised fp8 activations (row-wise scales) on fp8 tensor cores:
+    # faster, and further from the official images
+    "fast": "fp8 weights + activations",
+}
+
+
 def _assemble(flux, pulid, face, safety, name, is_random, options: PipelineOptions) -> PuLIDFluxPipeline:
     """Place everything on the device and apply the memory/speed modes."""
     device, dtype = options.resolved_device(), options.resolved_dtype()
-    if (options.fp8 or options.offload) and device.type != "cuda":
-        raise ValueError("--fp8 and --offload need a CUDA device")
+    fp8 = options.fp8 or None
+    if fp8 is not None and fp8 not in FP8_MODES:
+        raise ValueError(f"unknown fp8 mode {fp8!r}; choose one of {sorted(FP8_MODES)}")
+    if options.offload and device.type != "cuda":
+        raise ValueError("--offload needs a CUDA device")
+    if fp8 == "fast" and not _has_fp8_tensor_cores(device):
+        raise ValueError("--fp8-fast needs a CUDA GPU with fp8 tensor cores (compute capability 8.9+); "
+                         "--fp8 (weight-only) runs on any device")
     pulid.to(device, dtype).eval()
-    if options.fp8:
-        _quantize_fp8(flux.transformer, device, dtype)
+    if fp8:
+        _quantize_fp8(flux.transformer, fp8, device, dtype)
     if options.offload:
         # FLUX components wait in CPU RAM and visit the GPU in turn; an fp8 transformer is small
         # enough to stay, and torchao's fp8 tensors are not meant to move between devices.
-        flux._exclude_from_cpu_offload = ["transformer"] if options.fp8 else []
+        flux._exclude_from_cpu_offload = ["transformer"] if fp8 else []
         flux.enable_model_cpu_offload(device=device)
     else:
         flux.to(device, dtype)
+    # the official decode keeps the VAE weights in fp32 and runs it under autocast (pipeline.decode)
+    flux.vae.float()
     if options.compile:
         flux.transformer.compile_repeated_blocks(fullgraph=True)
+    precision = DTYPE_NAMES.get(dtype, str(dtype))
+    if fp8:
+        precision = f"{FP8_MODES[fp8]}, {precision} compute"
     return PuLIDFluxPipeline(flux=flux, pulid=pulid, face_encoder=face, safety_checker=safety, model_name=name,
-                             is_random_weights=is_random, device=device, dtype=dtype,
+                             is_random_weights=is_random, device=device, dtype=dtype, precision=precision,
                              id_cache_size=options.id_cache_size,
                              batch_cfg=not options.offload if options.batch_cfg is None else options.batch_cfg)
 
 
-def _quantize_fp8(transformer, device: torch.device, dtype: torch.dtype) -> None:
-    """fp8 weights and activations (row-wise scales) on GPUs with fp8 tensor cores (sm89+),
-    fp8 weights with bf16 compute elsewhere."""
-    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow,
-                                      quantize_)
+def _has_fp8_tensor_cores(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_config(mode: str):
+    """The torchao quantisation config of an fp8 mode (see FP8_MODES)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow
+
+    if mode == "fast":
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    return Float8WeightOnlyConfig(granularity=PerRow())
+
+
+def _quantize_fp8(transformer, mode: str, device: torch.device, dtype: torch.dtype) -> None:
+    from torchao.quantization import quantize_
 
     transformer.to(dtype)
-    fp8_compute = torch.cuda.get_device_capability(device) >= (8, 9)
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()) if fp8_compute \
-        else Float8WeightOnlyConfig()
+    config = fp8_config(mode)
     quantize_(transformer, config, device=device)  # layer by layer, so the bf16 model never sits on the GPU
     log.info("transformer quantized to fp8 (%s)", type(config).__name__)
 

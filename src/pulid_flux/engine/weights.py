@@ -13,23 +13,14 @@ from .pulid import PuLIDModules
 _BFL_PREFIXES = ("model.diffusion_model.", "transformer.")
 _DOWNLOAD_HINT = "run: pulid-flux download"
 
-# FLUX.1 autoencoder (BFL ``ae.safetensors``) in diffusers AutoencoderKL terms
-FLUX_VAE_CONFIG: dict = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
+# What FLUX's autoencoder fixes in code rather than in its weights (BFL AutoEncoderParams, flux-dev):
+# the block layout, the norm groups and the latent scaling. Widths and depths come from the weights.
+FLUX_VAE_CONSTANTS: dict = {
     "act_fn": "silu",
-    "latent_channels": 16,
     "norm_num_groups": 32,
     "sample_size": 1024,
     "scaling_factor": 0.3611,
     "shift_factor": 0.1159,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-    "mid_block_add_attention": True,
     "force_upcast": True,
 }
 
@@ -146,19 +137,47 @@ def load_flux_transformer(
 # ---------------------------------------------------------------------------- FLUX VAE
 
 
-def bfl_vae_to_diffusers(state_dict: dict[str, Tensor], config: dict | None = None) -> dict[str, Tensor]:
-    """BFL ``ae.safetensors`` keys -> diffusers AutoencoderKL keys (diffusers' LDM-VAE converter)."""
+def bfl_vae_config(state_dict: dict[str, Tensor]) -> dict:
+    """diffusers ``AutoencoderKL`` config read off BFL ``ae.safetensors`` weights (any width)."""
+    sd = state_dict
+    levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("decoder.up."))
+    blocks = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("decoder.up.0.block."))
+    return FLUX_VAE_CONSTANTS | {
+        "in_channels": sd["encoder.conv_in.weight"].shape[1],
+        "out_channels": sd["decoder.conv_out.weight"].shape[0],
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+        # decoder.up.<i> works at width ch * ch_mult[i]
+        "block_out_channels": [sd[f"decoder.up.{i}.block.0.conv2.weight"].shape[0] for i in range(levels)],
+        "layers_per_block": blocks - 1,  # the decoder has one block more per level than the encoder
+        "latent_channels": sd["decoder.conv_in.weight"].shape[1],
+        "use_quant_conv": "quant_conv.weight" in sd,
+        "use_post_quant_conv": "post_quant_conv.weight" in sd,
+        "mid_block_add_attention": "decoder.mid.attn_1.q.weight" in sd,
+    }
+
+
+def bfl_vae_to_diffusers(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict]:
+    """BFL ``ae.safetensors`` keys -> (diffusers AutoencoderKL state dict, config); diffusers' LDM-VAE
+    converter does the renaming."""
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    return convert_ldm_vae_checkpoint(dict(state_dict), config or FLUX_VAE_CONFIG)
+    config = bfl_vae_config(state_dict)
+    return convert_ldm_vae_checkpoint(dict(state_dict), config), config
+
+
+def flux_vae_from_bfl(
+    state_dict: dict[str, Tensor], *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """An AutoencoderKL holding BFL ``ae`` weights, sized from them."""
+    from diffusers import AutoencoderKL
+
+    converted, config = bfl_vae_to_diffusers(state_dict)
+    return _load_strict(AutoencoderKL, config, converted, dtype, device)
 
 
 def load_flux_vae(
-    path: str | os.PathLike,
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-    config: dict | None = None,
+    path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
 ) -> nn.Module:
     """An AutoencoderKL from BFL ``ae.safetensors`` or a diffusers ``vae/`` folder."""
     from diffusers import AutoencoderKL
@@ -167,8 +186,7 @@ def load_flux_vae(
     path = _require_file(path)
     if _is_diffusers_dir(path):
         return AutoencoderKL.from_pretrained(path, torch_dtype=dtype, local_files_only=True).to(device).eval()
-    config = config or FLUX_VAE_CONFIG
-    return _load_strict(AutoencoderKL, config, bfl_vae_to_diffusers(load_file(str(path)), config), dtype, device)
+    return flux_vae_from_bfl(load_file(str(path)), dtype=dtype, device=device)
 
 
 # ---------------------------------------------------------------------------- PuLID checkpoint

@@ -80,6 +80,7 @@ class WorkerInfo:
     model: str = ""
     random_weights: bool = False
     device: str = ""
+    precision: str = ""  # e.g. "bf16", "fp8 weights, bf16 compute"
     state: str = "starting"  # loading | ready | busy | failed (its model cannot load)
     error: str = ""  # why the model does not load (state loading after a failure, or failed)
     started_at: float = 0.0

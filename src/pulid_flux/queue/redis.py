@@ -838,7 +838,8 @@ class RedisQueue(Queue):
         old = self.r.hget(self.k("workers"), info.worker_id)
         started = json.loads(old)["started_at"] if old else (info.started_at or now)
         record = {"pid": info.pid, "model": info.model, "random_weights": bool(info.random_weights),
-                  "device": info.device, "state": info.state, "error": info.error,
+                  "device": info.device, "precision": info.precision, "state": info.state,
+                  "error": info.error,
                   "started_at": started}
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(self.k("workers"), info.worker_id, json.dumps(record))
@@ -869,8 +870,8 @@ class RedisQueue(Queue):
             r = json.loads(raw)
             out.append(WorkerInfo(worker_id=worker_id, pid=int(r["pid"]), model=r["model"],
                                   random_weights=bool(r["random_weights"]), device=r["device"],
-                                  state=r["state"], error=r.get("error", ""),
-                                  started_at=float(r["started_at"]),
+                                  precision=r.get("precision", ""), state=r["state"],
+                                  error=r.get("error", ""), started_at=float(r["started_at"]),
                                   heartbeat_at=hb))
         out.sort(key=lambda w: w.started_at)
         return out

@@ -80,6 +80,7 @@ CREATE TABLE IF NOT EXISTS workers (
     model TEXT NOT NULL DEFAULT '',
     random_weights INTEGER NOT NULL DEFAULT 0,
     device TEXT NOT NULL DEFAULT '',
+    precision TEXT NOT NULL DEFAULT '',
     state TEXT NOT NULL DEFAULT 'starting',
     error TEXT NOT NULL DEFAULT '',
     started_at REAL NOT NULL,
@@ -94,7 +95,7 @@ CREATE TABLE IF NOT EXISTS stats (
 # Columns added after the first release, for ALTER TABLE on older databases.
 ADDED_COLUMNS = {
     "requests": {"max_attempts": "INTEGER", "ttl_s": "REAL"},
-    "workers": {"error": "TEXT NOT NULL DEFAULT ''"},
+    "workers": {"precision": "TEXT NOT NULL DEFAULT ''", "error": "TEXT NOT NULL DEFAULT ''"},
 }
 
 _COLUMNS = (
@@ -145,7 +146,7 @@ class SQLiteQueue(Queue):
         self._add_missing_columns()
 
     def _add_missing_columns(self) -> None:
-        """A data dir made by an older version gets the columns added since (all nullable)."""
+        """A data dir made by an older version gets the columns added since (nullable or defaulted)."""
         db = self._db()
         for table, columns in ADDED_COLUMNS.items():
             have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
@@ -527,13 +528,14 @@ class SQLiteQueue(Queue):
         now = time.time()
         with self._tx() as db:
             db.execute(
-                "INSERT INTO workers (worker_id, pid, model, random_weights, device, state, error, "
-                "started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "INSERT INTO workers (worker_id, pid, model, random_weights, device, precision, state, "
+                "error, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(worker_id) DO UPDATE SET pid=excluded.pid, model=excluded.model, "
                 "random_weights=excluded.random_weights, device=excluded.device, "
-                "state=excluded.state, error=excluded.error, heartbeat_at=excluded.heartbeat_at",
+                "precision=excluded.precision, state=excluded.state, error=excluded.error, "
+                "heartbeat_at=excluded.heartbeat_at",
                 (info.worker_id, info.pid, info.model, int(info.random_weights), info.device,
-                 info.state, info.error, info.started_at or now, now),
+                 info.precision, info.state, info.error, info.started_at or now, now),
             )
 
     def remove_worker(self, worker_id):
@@ -549,8 +551,9 @@ class SQLiteQueue(Queue):
                 continue
             out.append(WorkerInfo(
                 worker_id=r["worker_id"], pid=r["pid"], model=r["model"],
-                random_weights=bool(r["random_weights"]), device=r["device"], state=r["state"],
-                error=r["error"], started_at=r["started_at"], heartbeat_at=r["heartbeat_at"],
+                random_weights=bool(r["random_weights"]), device=r["device"],
+                precision=r["precision"], state=r["state"], error=r["error"],
+                started_at=r["started_at"], heartbeat_at=r["heartbeat_at"],
             ))
         return out
 

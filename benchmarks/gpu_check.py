@@ -150,13 +150,8 @@ class Check:
     def unavailable(self, options: dict, missing: list[str]) -> str | None:
         if missing:
             return f"package missing: {', '.join(missing)}"
-        if options.get("fp8"):
-            from pulid_flux.engine.pipeline import PipelineOptions
-
-            if "bool" in str(PipelineOptions.__dataclass_fields__["fp8"].type):
-                return "this engine takes fp8 as a bool: the weights/fast modes are not merged yet"
-            if importlib.util.find_spec("torchao") is None:
-                return "package missing: torchao"
+        if options.get("fp8") and importlib.util.find_spec("torchao") is None:
+            return "package missing: torchao"
         if (options.get("fp8") or options.get("offload")) and not self.cuda:
             return "needs CUDA"
         if options.get("compile") and self.dry_run:

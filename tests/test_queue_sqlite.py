@@ -174,7 +174,7 @@ def test_concurrent_claims_never_share_a_request(tmp_path):
 def test_a_database_of_an_older_version_gets_the_new_columns(tmp_path):
     import sqlite3
 
-    from pulid_flux.queue.sqlite import ADDED_COLUMNS, ADDED_WORKER_COLUMNS, SCHEMA
+    from pulid_flux.queue.sqlite import ADDED_COLUMNS, SCHEMA
 
     path = tmp_path / "old.sqlite3"
     old_schema = SCHEMA

@@ -393,6 +393,7 @@ class Worker:
 
     def _process(self, job) -> None:
         from .errors import InputError, ServiceFault
+        from .queue.base import CANCELLED_MESSAGE, CANCELLED_RESULT, CANCELLED_STATUS, CANCELLED_TYPE
 
         q = self.queue
 

@@ -251,20 +251,13 @@ def create_app(settings: Optional[Settings] = None, *, services: Optional[Servic
         log.error("%s on %s %s", exc, request.method, request.url.path)
         headers = {"x-fal-error-type": exc.error_type}
         if exc.retry_after_s is not None:
-            headers["Retry-After"] = str(exc.retry_after_s)
+            headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
         return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(ServiceFault)
-    async def service_fault(request: Request, exc: ServiceFault):
-        headers = {"x-fal-error-type": "service_unavailable"}
-        if exc.retry_after_s:
-            headers["Retry-After"] = str(int(exc.retry_after_s))
-        return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
 
     app.include_router(routes_queue.router)
     app.include_router(routes_storage.rest)

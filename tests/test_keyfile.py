@@ -34,8 +34,8 @@ def test_concurrent_creators_all_get_the_one_written_key(tmp_path):
 
 
 def test_replicas_with_their_own_data_dirs_share_keys_given_by_setting(tmp_path):
-    keys = {"secret_key_file": tmp_path / "shared" / "secret.key",
-            "webhook_key_file": tmp_path / "shared" / "webhook.pem"}
+    keys = {"secret_key_file": tmp_path / "secrets" / "secret.key",
+            "webhook_key_file": tmp_path / "secrets" / "webhook.pem"}
     apps = [create_app(Settings(data_dir=tmp_path / name, local_workers=0, **keys), run_loops=False)
             for name in ("a", "b")]
     with TestClient(apps[0]) as a, TestClient(apps[1]) as b:

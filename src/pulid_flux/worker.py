@@ -192,6 +192,7 @@ class Worker:
         self._try_queue(self._register_now, state)
 
     def _register_now(self, state: str) -> None:
+        from .errors import ServiceFault
         from .queue.base import WorkerInfo
 
         try:
@@ -202,6 +203,8 @@ class Worker:
                 precision=str(getattr(self.pipe, "precision", "")), state=state,
                 error=self.load_error,
             ))
+        except ServiceFault:
+            raise  # _register's _try_queue reports the outage once
         except Exception:  # noqa: BLE001 - the registry is advisory; a full disk must not kill us
             log.exception("could not record worker state %s", state)
 
@@ -289,10 +292,11 @@ class Worker:
                 if job is None:
                     return
                 msg = _clip(f"model unavailable: {self.load_error}")
-                self.queue.add_log(job.id, msg, "ERROR")
-                self.queue.complete(job.id, worker_id=self.worker_id, status_code=503,
-                                    result={"detail": msg, "error_type": "model_unavailable"},
-                                    error=msg, error_type="model_unavailable")
+                self._try_queue(self.queue.add_log, job.id, msg, "ERROR")
+                # Claimed, so it must end here: written through a queue outage like a result.
+                self._settle(self.queue.complete, job.id, worker_id=self.worker_id, status_code=503,
+                             result={"detail": msg, "error_type": "model_unavailable"},
+                             error=msg, error_type="model_unavailable", op_id=uuid.uuid4().hex)
         except Exception:  # noqa: BLE001 - e.g. a full disk: the next round tries again
             log.exception("could not complete the waiting requests")
 
@@ -328,6 +332,7 @@ class Worker:
                         # is generated in vain while the disk is still full.
                         self.storage.probe()
                         self.queue.probe()
+                        self._fault_delay = 0.0  # they do: no probe on every idle poll
                     job = self.queue.claim(self.worker_id, ENDPOINT_ID)
                     if job is None:
                         # Sweeping here too lets deployments without `serve` recover from lost
@@ -398,8 +403,10 @@ class Worker:
         q = self.queue
 
         def finish(message: str, level: str = "INFO", **result) -> bool:
-            # Written even through a queue outage (retried), so the request ends exactly once.
+            # Written even through a queue outage (retried), so the request ends exactly once;
+            # one op_id for every try, so a try whose reply was lost still counts as done.
             logged = False
+            result["op_id"] = uuid.uuid4().hex
 
             def write() -> bool:
                 nonlocal logged

@@ -180,9 +180,14 @@ async def webhook_loop(svc: Services) -> None:
                                     WEBHOOK_DELIVERED if delivered else WEBHOOK_FAILED)
             if not delivered:
                 log.warning("webhook for %s could not be delivered", job.id)
+        except ServiceFault as exc:
+            # Its outcome could not be recorded: it stays pending and goes out again once the
+            # queue is back (at least once, as fal's webhooks are).
+            log.warning("webhook state of %s not recorded (%s)", job.id, exc)
         except Exception:  # noqa: BLE001
             log.exception("webhook delivery for %s failed", job.id)
-            await asyncio.to_thread(svc.queue.set_webhook_state, job.id, WEBHOOK_FAILED)
+            with contextlib.suppress(ServiceFault):
+                await asyncio.to_thread(svc.queue.set_webhook_state, job.id, WEBHOOK_FAILED)
         finally:
             in_flight.discard(job.id)
 
@@ -271,14 +276,21 @@ def create_app(settings: Optional[Settings] = None, *, services: Optional[Servic
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
+    probing: Optional[asyncio.Future] = None  # the write probe /health is waiting for
+
     @app.get("/health", tags=["service"], summary="Liveness, model and workers (no auth)")
     async def health():
         def read_queue():
             return svc.queue.workers(svc.settings.alive_window_s), svc.queue.stats()
 
-        # Both bounded: an unreachable or locked queue must not hang the health check. A write
-        # probe that is merely slow (a busy database) proves nothing either way: no fault then.
-        probing = asyncio.ensure_future(asyncio.to_thread(probe_faults, svc))
+        # Both bounded by one deadline: an unreachable or locked queue must not hang the health
+        # check. A write probe that is merely slow (a busy database) proves nothing either way:
+        # no fault then; and one probe at a time, so slow ones cannot pile up in the thread pool.
+        nonlocal probing
+        if probing is None or probing.done():
+            probing = asyncio.ensure_future(asyncio.to_thread(probe_faults, svc))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + svc.settings.health_timeout_s
         try:
             workers, stats = await asyncio.wait_for(asyncio.to_thread(read_queue),
                                                     svc.settings.health_timeout_s)
@@ -288,7 +300,8 @@ def create_app(settings: Optional[Settings] = None, *, services: Optional[Servic
                 f"no answer within {svc.settings.health_timeout_s:g} s"
             workers, stats = [], {}
         try:
-            faults = await asyncio.wait_for(asyncio.shield(probing), svc.settings.health_timeout_s)
+            faults = list(await asyncio.wait_for(asyncio.shield(probing),
+                                                 max(0.0, deadline - loop.time())))
         except asyncio.TimeoutError:
             faults = []
         if queue_fault and not any(f["component"] == "queue" for f in faults):

@@ -141,7 +141,7 @@ async def accept(request: Request, body: FluxPulidInput, *, priority: int = 0,
                 file_name=f"reference-{i}", kind=KIND_INPUT, owner=owner,
             )
             files.append(meta.id)
-    except ServiceFault:
+    except BaseException:  # a fault, a client gone: nothing it stored may stay behind
         await asyncio.to_thread(_discard, svc, files)
         raise
 
@@ -181,7 +181,7 @@ async def accept(request: Request, body: FluxPulidInput, *, priority: int = 0,
                 )
     except QueueFullError as exc:
         refusal = fal_json({"detail": str(exc), "error_type": "queue_full"}, 429, error_type="queue_full")
-    except ServiceFault:  # the queue is unavailable: a 503 naming it, and no orphan files
+    except BaseException:  # the queue unavailable (a 503 naming it), a client gone: no orphan files
         await asyncio.to_thread(_discard, svc, files)
         raise
     if refusal is not None:

@@ -15,6 +15,7 @@ import logging
 from typing import Any, AsyncIterator, Optional
 
 from ..engine.preview import PREVIEW_LOG_PREFIX
+from ..errors import ServiceFault
 from ..queue.base import COMPLETED, IN_QUEUE, Job
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,8 @@ class StatusHub:
                 entries, seq = self.svc.log_entries(w.request_id, w.log_seq)
                 position = queue.position(job.id) if job.state == IN_QUEUE else None
                 out.append((job, entries, seq, position))
+            except ServiceFault:  # the queue is down: it logs that once, not once a tick
+                out.append(None)
             except Exception:  # noqa: BLE001 - one bad read must not stall the other streams
                 log.exception("status read of %s failed", w.request_id)
                 out.append(None)

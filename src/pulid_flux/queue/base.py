@@ -175,8 +175,11 @@ class Queue(abc.ABC):
         error_type: Optional[str] = None,
         metrics: Optional[dict[str, Any]] = None,
         output_files: Optional[list[str]] = None,
+        op_id: Optional[str] = None,
     ) -> bool:
-        """False when the worker no longer holds the request (it was re-queued meanwhile)."""
+        """False when the worker no longer holds the request (it was re-queued meanwhile).
+        Every try of one completion passes the same ``op_id``: a retry whose first try did
+        complete (its reply was lost) then gets True too."""
 
     @abc.abstractmethod
     def release(self, request_id: str, worker_id: str) -> bool:

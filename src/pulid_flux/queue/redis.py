@@ -547,6 +547,7 @@ class RedisQueue(Queue):
         self.max_attempts = int(max_attempts)
         # Identifies this process's claims, so heartbeats renew only what it claimed itself.
         self.instance = uuid.uuid4().hex
+        self._claim_tokens: dict[str, str] = {}  # worker -> token of its unanswered claim
         parts = urlsplit(url)
         self.where = f"Redis at {parts.path}" if parts.scheme == "unix" else \
             f"Redis at {parts.hostname}:{parts.port or 6379}"
@@ -778,8 +779,12 @@ class RedisQueue(Queue):
     def claim(self, worker_id, endpoint=None):
         # max_attempts bounds the take-overs of abandoned requests done here (XAUTOCLAIM).
         vis = -1 if self._recovering(self.visibility_timeout_s) else self.visibility_timeout_s
-        jid = self._claim(args=[self.prefix, worker_id, uuid.uuid4().hex, vis,
+        # One token until a claim gets its answer: a call whose reply was lost (even past the
+        # retry window, when the worker claims again later) is given the request it took.
+        token = self._claim_tokens.setdefault(worker_id, uuid.uuid4().hex)
+        jid = self._claim(args=[self.prefix, worker_id, token, vis,
                                 self.max_attempts, endpoint or "", self.instance])
+        del self._claim_tokens[worker_id]
         return self.get(jid) if jid else None
 
     @_reachable
@@ -794,7 +799,7 @@ class RedisQueue(Queue):
 
     @_reachable
     def complete(self, request_id, *, worker_id, status_code, result, error=None,
-                 error_type=None, metrics=None, output_files=None) -> bool:
+                 error_type=None, metrics=None, output_files=None, op_id=None) -> bool:
         fields: dict[str, str] = {
             "status_code": str(int(status_code)),
             "result": json.dumps(result) if result is not None else "",
@@ -809,7 +814,7 @@ class RedisQueue(Queue):
         inference = ""
         if metrics and "inference_time" in metrics:
             inference = repr(float(metrics["inference_time"]))
-        done = self._complete(args=[self.prefix, request_id, worker_id or "", uuid.uuid4().hex,
+        done = self._complete(args=[self.prefix, request_id, worker_id or "", op_id or uuid.uuid4().hex,
                                     outcome, inference, json.dumps(fields)])
         return bool(done)
 

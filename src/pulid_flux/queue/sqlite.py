@@ -438,7 +438,8 @@ class SQLiteQueue(Queue):
         return row is None or bool(row["cancel_requested"])
 
     def complete(self, request_id, *, worker_id, status_code, result, error=None,
-                 error_type=None, metrics=None, output_files=None) -> bool:
+                 error_type=None, metrics=None, output_files=None, op_id=None) -> bool:
+        # op_id is not needed here: a transaction that fails to commit leaves nothing done.
         with self._tx() as db:
             row = db.execute(
                 "SELECT state, worker_id FROM requests WHERE id=?", (request_id,)

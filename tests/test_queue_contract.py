@@ -581,3 +581,54 @@ def test_redis_outage_fails_fast_with_a_service_fault_and_recovers(tmp_path):
         assert q.get(running.id).result == {"ok": 1}
     finally:
         server.stop()
+
+
+@needs_redis
+def test_redis_refusing_writes_is_a_service_fault_that_clears_by_itself(redis_server):
+    from pulid_flux.errors import ServiceFault
+
+    q = make_redis_queue(redis_server.url)
+    q.r.config_set("maxmemory-policy", "noeviction")
+    q.r.config_set("maxmemory", "1")  # every write is refused as out of memory
+    try:
+        with pytest.raises(ServiceFault) as fault:
+            q.submit(EP, {"n": 1})
+        assert fault.value.component == "queue" and fault.value.status_code == 507
+        assert "refuses writes (out of memory" in fault.value.reason
+    finally:
+        q.r.config_set("maxmemory", "0")
+    assert q.get(q.submit(EP, {"n": 2}).id).state == IN_QUEUE  # no outage state was left behind
+
+
+@needs_redis
+def test_redis_lost_replies_of_claim_and_complete_are_answered_on_the_next_try(redis_server):
+    q = make_redis_queue(redis_server.url)
+    job = q.submit(EP, {})
+    real_claim = q._claim
+
+    def claim_then_lose_the_reply(**kwargs):
+        real_claim(**kwargs)
+        raise RedisTimeout("reply lost")
+
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    q._claim = claim_then_lose_the_reply
+    with pytest.raises(Exception):
+        q.claim("w", EP)
+    q._claim = real_claim
+    time.sleep(q.probe_interval_s)  # the lost reply counted as an outage: the next probe ends it
+    assert q.claim("w", EP).id == job.id  # the same request, not a second one held forever
+    assert q.get(job.id).attempts == 1
+    real_complete = q._complete
+
+    def complete_then_lose_the_reply(**kwargs):
+        real_complete(**kwargs)
+        raise RedisTimeout("reply lost")
+
+    q._complete = complete_then_lose_the_reply
+    with pytest.raises(Exception):
+        q.complete(job.id, worker_id="w", status_code=200, result={}, op_id="op-1")
+    q._complete = real_complete
+    time.sleep(q.probe_interval_s)
+    assert q.complete(job.id, worker_id="w", status_code=200, result={}, op_id="op-1") is True
+    assert q.complete(job.id, worker_id="w", status_code=200, result={}, op_id="op-2") is False

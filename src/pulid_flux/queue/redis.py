@@ -35,6 +35,9 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
+from redis.exceptions import ReadOnlyError as RedisReadOnlyError
+from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import ServiceFault
@@ -497,6 +500,16 @@ def _retries_within(window_s: float, base: float, cap: float) -> int:
     return n
 
 
+def _write_refusal(exc: Exception) -> Optional[str]:
+    if isinstance(exc, RedisOutOfMemoryError):
+        return "out of memory"
+    if isinstance(exc, RedisReadOnlyError):
+        return "read-only"
+    if str(exc).startswith("MISCONF"):  # it cannot persist (its disk is full)
+        return "cannot persist"
+    return None
+
+
 def _reachable(method):
     """A call on an unreachable Redis raises ServiceFault("queue", …) once its retries are
     spent; while Redis stays unreachable, calls fail at once, but one per probe interval tries
@@ -509,6 +522,14 @@ def _reachable(method):
             out = method(self, *args, **kwargs)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise self._went_down(exc) from exc
+        except RedisResponseError as exc:
+            refusal = _write_refusal(exc)
+            if refusal is None:
+                raise
+            # Reachable but refusing writes (full memory or disk, a replica after failover):
+            # ours, not the client's; each call asks again, so it clears the moment Redis does.
+            raise ServiceFault("queue", f"{self.where} refuses writes ({refusal}: {exc})",
+                               status_code=507 if refusal != "read-only" else 503) from exc
         self._came_back()
         return out
 
@@ -608,6 +629,7 @@ class RedisQueue(Queue):
             self._probe.ping()
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise self._went_down(exc) from exc
+        self._came_back()  # at once: a call made inside this one must not fail fast
 
     def _went_down(self, exc: Exception) -> ServiceFault:
         with self._state_lock:

@@ -7,6 +7,7 @@ webhook claims, idempotent retries and a restart with AOF persistence.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import subprocess
@@ -600,35 +601,37 @@ def test_redis_refusing_writes_is_a_service_fault_that_clears_by_itself(redis_se
     assert q.get(q.submit(EP, {"n": 2}).id).state == IN_QUEUE  # no outage state was left behind
 
 
-@needs_redis
-def test_redis_lost_replies_of_claim_and_complete_are_answered_on_the_next_try(redis_server):
-    q = make_redis_queue(redis_server.url)
-    job = q.submit(EP, {})
-    real_claim = q._claim
-
-    def claim_then_lose_the_reply(**kwargs):
-        real_claim(**kwargs)
-        raise RedisTimeout("reply lost")
-
+@contextlib.contextmanager
+def reply_lost(q, script: str):
+    """The named Lua script runs on the server, but its caller sees a timeout; then the next
+    call finds Redis back (the lost reply counted as an outage: the next probe ends it)."""
     from redis.exceptions import TimeoutError as RedisTimeout
 
-    q._claim = claim_then_lose_the_reply
-    with pytest.raises(Exception):
-        q.claim("w", EP)
-    q._claim = real_claim
-    time.sleep(q.probe_interval_s)  # the lost reply counted as an outage: the next probe ends it
-    assert q.claim("w", EP).id == job.id  # the same request, not a second one held forever
-    assert q.get(job.id).attempts == 1
-    real_complete = q._complete
+    real = getattr(q, script)
 
-    def complete_then_lose_the_reply(**kwargs):
-        real_complete(**kwargs)
+    def run_then_lose_the_reply(**kwargs):
+        real(**kwargs)
         raise RedisTimeout("reply lost")
 
-    q._complete = complete_then_lose_the_reply
-    with pytest.raises(Exception):
+    setattr(q, script, run_then_lose_the_reply)
+    try:
+        yield
+    finally:
+        setattr(q, script, real)
+        time.sleep(q.probe_interval_s)
+
+
+@needs_redis
+def test_redis_lost_replies_of_claim_and_complete_are_answered_on_the_next_try(redis_server):
+    from pulid_flux.errors import ServiceFault
+
+    q = make_redis_queue(redis_server.url)
+    job = q.submit(EP, {})
+    with reply_lost(q, "_claim"), pytest.raises(ServiceFault):
+        q.claim("w", EP)
+    assert q.claim("w", EP).id == job.id  # the same request, not a second one held forever
+    assert q.get(job.id).attempts == 1
+    with reply_lost(q, "_complete"), pytest.raises(ServiceFault):
         q.complete(job.id, worker_id="w", status_code=200, result={}, op_id="op-1")
-    q._complete = real_complete
-    time.sleep(q.probe_interval_s)
     assert q.complete(job.id, worker_id="w", status_code=200, result={}, op_id="op-1") is True
     assert q.complete(job.id, worker_id="w", status_code=200, result={}, op_id="op-2") is False
